@@ -1,0 +1,1 @@
+"""Compliance review: ledger verification across parties and reports for reviewers."""
