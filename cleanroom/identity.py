@@ -6,13 +6,19 @@ change together (bump ``RULES_VERSION``).
 
 Rules (``RULES_VERSION`` 1):
 
-- **phone**: Chinese mobile numbers to E.164 (``+86`` followed by 11 digits starting
-  ``1[3-9]``). Spaces, dashes, dots, brackets and stray whitespace are dropped; a
-  ``+86``, ``0086`` or ``86`` country prefix is accepted. Anything else is invalid.
+- **phone**: Chinese mobile numbers to E.164 (``+86`` followed by 11 ASCII digits starting
+  ``1[3-9]``). Whitespace, dashes, dots and brackets are dropped; one ``+86``, ``0086``
+  or (for 13 digits) ``86`` country prefix is accepted. Anything else, including
+  non-ASCII digits such as full-width ``１``, is invalid.
 - **email**: trimmed and lower-cased; must be ``local@domain.tld`` with no whitespace.
-- **device_id**: trimmed, lower-cased, separators (``-``, ``:``, spaces) removed; must then
-  be 14 to 64 characters of ``[0-9a-z]`` and not all zeros (an all-zero advertising id
-  means "tracking limited", not a device).
+- **device_id**: trimmed, lower-cased, separators (``-``, ``:``, whitespace) removed; must
+  then be 14 to 64 characters of ``[0-9a-z]`` and not all zeros (an all-zero advertising
+  id means "tracking limited", not a device).
+
+"Whitespace" is exactly the characters Python's ``str.isspace`` accepts (``WHITESPACE``),
+spelled out so that the scalar and the vectorised forms cannot drift apart: the
+vectorised forms run the ASCII rules in Arrow and send the rare non-ASCII cell through
+the scalar function, so both always agree.
 
 Invalid values become ``None`` and are counted per column; nothing here raises on bad
 data. This module does no I/O and never logs values.
@@ -33,12 +39,25 @@ RULES_VERSION = 1
 IdKind = Literal["phone", "email", "device_id"]
 ID_KINDS: tuple[IdKind, ...] = ("phone", "email", "device_id")
 
-_PHONE_STRIP = re.compile(r"[\s\-\.\(\)\u3000]")
-_PHONE_BODY = re.compile(r"1[3-9]\d{9}")
-_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]+")
-_DEVICE_STRIP = re.compile(r"[\s\-:]")
+# Every character ``str.isspace`` accepts, listed so no regex engine's idea of ``\s`` matters.
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
+    "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_WS_ASCII = "".join(c for c in WHITESPACE if c.isascii())
+# Python patterns (scalar forms) over the full whitespace set ...
+_WS_CLASS = "".join(f"\\u{ord(c):04x}" for c in WHITESPACE)
+_PHONE_STRIP = re.compile(rf"[{_WS_CLASS}\-\.\(\)]")
+_PHONE_BODY = re.compile(r"1[3-9][0-9]{9}")
+_EMAIL = re.compile(rf"[^@{_WS_CLASS}]+@[^@{_WS_CLASS}]+\.[^@{_WS_CLASS}.]+")
+_DEVICE_STRIP = re.compile(rf"[{_WS_CLASS}\-:]")
 _DEVICE_BODY = re.compile(r"[0-9a-z]{14,64}")
 _ZEROS = re.compile(r"0+")
+# ... and their ASCII-only twins for the Arrow fast path (non-ASCII cells never reach it).
+_WS_ASCII_CLASS = "".join(f"\\x{ord(c):02x}" for c in _WS_ASCII)
+_PHONE_STRIP_ASCII = rf"[{_WS_ASCII_CLASS}\-\.\(\)]"
+_EMAIL_ASCII = rf"[^@{_WS_ASCII_CLASS}]+@[^@{_WS_ASCII_CLASS}]+\.[^@{_WS_ASCII_CLASS}.]+"
+_DEVICE_STRIP_ASCII = rf"[{_WS_ASCII_CLASS}\-:]"
 
 
 def normalize_phone(value: object) -> str | None:
@@ -46,7 +65,7 @@ def normalize_phone(value: object) -> str | None:
     text = _coerce(value)
     if text is None:
         return None
-    s = _PHONE_STRIP.sub("", text.strip())
+    s = _PHONE_STRIP.sub("", text.strip(WHITESPACE))
     if s.startswith("+86"):
         s = s[3:]
     elif s.startswith("0086"):
@@ -62,7 +81,7 @@ def normalize_email(value: object) -> str | None:
     """Return the trimmed, lower-cased address, or ``None`` if it is not an address."""
     if not isinstance(value, str):
         return None
-    s = value.strip().lower()
+    s = value.strip(WHITESPACE).lower()
     return s if _EMAIL.fullmatch(s) else None
 
 
@@ -70,7 +89,7 @@ def normalize_device_id(value: object) -> str | None:
     """Return the canonical device id (lower-case, no separators), or ``None``."""
     if not isinstance(value, str):
         return None
-    s = _DEVICE_STRIP.sub("", value.strip().lower())
+    s = _DEVICE_STRIP.sub("", value.strip(WHITESPACE).lower())
     if not _DEVICE_BODY.fullmatch(s) or _ZEROS.fullmatch(s):
         return None
     return s
@@ -114,27 +133,59 @@ def _as_str_series(values: pd.Series) -> pd.Series:
     return values.astype("object").map(_coerce).astype("string")
 
 
-def normalize_phone_series(values: pd.Series) -> pd.Series:
-    s = _as_str_series(values).str.strip().str.replace(_PHONE_STRIP.pattern, "", regex=True)
-    s = s.str.replace(r"^(?:\+86|0086)", "", regex=True)
-    drop86 = s.str.startswith("86") & (s.str.len() == 13)
-    s = s.where(~drop86.fillna(False).astype(bool), s.str.slice(2))
-    ok = s.str.fullmatch(_PHONE_BODY.pattern).fillna(False).astype(bool)
-    return ("+86" + s).where(ok, None)
+def _with_scalar_fallback(
+    s: pd.Series, fast: Callable[[pd.Series], pd.Series], scalar: Callable[[object], str | None]
+) -> pd.Series:
+    """Run ``fast`` (ASCII rules in Arrow) and redo non-ASCII cells with the scalar rule."""
+    out = fast(s).astype("string")
+    nonascii = s.str.contains(r"[^\x00-\x7f]", regex=True).fillna(False).astype(bool)
+    if bool(nonascii.any()):
+        redo = s[nonascii].astype("object").map(scalar).astype("string")
+        out = out.copy()
+        out[nonascii] = redo
+    return out
 
 
-def normalize_email_series(values: pd.Series) -> pd.Series:
-    s = _as_str_series(values).str.strip().str.lower()
-    ok = s.str.fullmatch(_EMAIL.pattern).fillna(False).astype(bool)
+def _phone_fast(s: pd.Series) -> pd.Series:
+    s = s.str.strip(_WS_ASCII).str.replace(_PHONE_STRIP_ASCII, "", regex=True)
+    plus = s.str.startswith("+86").fillna(False).astype(bool)
+    intl = s.str.startswith("0086").fillna(False).astype(bool)
+    cc = (~plus & ~intl & s.str.startswith("86") & (s.str.len() == 13)).fillna(False).astype(bool)
+    body = s.where(~plus, s.str.slice(3))
+    body = body.where(~intl, s.str.slice(4))
+    body = body.where(~cc, s.str.slice(2))
+    ok = body.str.fullmatch(_PHONE_BODY.pattern).fillna(False).astype(bool)
+    return ("+86" + body).where(ok, None)
+
+
+def _email_fast(s: pd.Series) -> pd.Series:
+    s = s.str.strip(_WS_ASCII).str.lower()
+    ok = s.str.fullmatch(_EMAIL_ASCII).fillna(False).astype(bool)
     return s.where(ok, None)
 
 
-def normalize_device_id_series(values: pd.Series) -> pd.Series:
-    s = _as_str_series(values).str.strip().str.lower()
-    s = s.str.replace(_DEVICE_STRIP.pattern, "", regex=True)
+def _device_fast(s: pd.Series) -> pd.Series:
+    s = s.str.strip(_WS_ASCII).str.lower().str.replace(_DEVICE_STRIP_ASCII, "", regex=True)
     ok = s.str.fullmatch(_DEVICE_BODY.pattern).fillna(False).astype(bool)
     zeros = s.str.fullmatch(_ZEROS.pattern).fillna(False).astype(bool)
     return s.where(ok & ~zeros, None)
+
+
+def normalize_phone_series(values: pd.Series) -> pd.Series:
+    """Vectorised :func:`normalize_phone`: same result cell by cell, ``<NA>`` where invalid."""
+    return _with_scalar_fallback(_as_str_series(values), _phone_fast, normalize_phone)
+
+
+def normalize_email_series(values: pd.Series) -> pd.Series:
+    """Vectorised :func:`normalize_email`: same result cell by cell, ``<NA>`` where invalid."""
+    s = values.astype("object").map(lambda v: v if isinstance(v, str) else None)
+    return _with_scalar_fallback(s.astype("string"), _email_fast, normalize_email)
+
+
+def normalize_device_id_series(values: pd.Series) -> pd.Series:
+    """Vectorised :func:`normalize_device_id`: same result cell by cell, ``<NA>`` if invalid."""
+    s = values.astype("object").map(lambda v: v if isinstance(v, str) else None)
+    return _with_scalar_fallback(s.astype("string"), _device_fast, normalize_device_id)
 
 
 SERIES_NORMALIZERS: dict[IdKind, Callable[[pd.Series], pd.Series]] = {
@@ -166,7 +217,9 @@ class ColumnReport:
         }
 
 
-def normalize_series(kind: IdKind, values: pd.Series, column: str = "") -> tuple[pd.Series, ColumnReport]:
+def normalize_series(
+    kind: IdKind, values: pd.Series, column: str = ""
+) -> tuple[pd.Series, ColumnReport]:
     """Normalise a column; return the normalised values (``<NA>`` where invalid) and counts.
 
     ``missing`` counts empty cells (null or whitespace only); ``invalid`` counts cells that
@@ -175,7 +228,7 @@ def normalize_series(kind: IdKind, values: pd.Series, column: str = "") -> tuple
     if kind not in SERIES_NORMALIZERS:
         raise ValueError(f"unknown identifier kind {kind!r}; expected one of {ID_KINDS}")
     out = SERIES_NORMALIZERS[kind](values).astype("string")
-    raw = _as_str_series(values).str.strip()
+    raw = _as_str_series(values).str.strip(WHITESPACE)
     missing = int((raw.isna() | (raw == "")).sum())
     valid = int(out.notna().sum())
     report = ColumnReport(
@@ -219,4 +272,3 @@ def infer_kind(column: str) -> IdKind:
         f"cannot tell which identifier kind column {column!r} holds; "
         f"name it after one of {', '.join(ID_KINDS)}"
     )
-
