@@ -146,6 +146,14 @@ def _with_scalar_fallback(
     return out
 
 
+def _only_strings(values: pd.Series) -> pd.Series:
+    """Strings stay; anything else (numbers, bytes, ...) becomes missing, as in the scalar forms."""
+    if isinstance(values.dtype, pd.StringDtype):
+        return values.astype("string")
+    obj = values.astype("object")
+    return obj.where(obj.map(lambda v: isinstance(v, str)), None).astype("string")
+
+
 def _phone_fast(s: pd.Series) -> pd.Series:
     s = s.str.strip(_WS_ASCII).str.replace(_PHONE_STRIP_ASCII, "", regex=True)
     plus = s.str.startswith("+86").fillna(False).astype(bool)
@@ -178,14 +186,12 @@ def normalize_phone_series(values: pd.Series) -> pd.Series:
 
 def normalize_email_series(values: pd.Series) -> pd.Series:
     """Vectorised :func:`normalize_email`: same result cell by cell, ``<NA>`` where invalid."""
-    s = values.astype("object").map(lambda v: v if isinstance(v, str) else None)
-    return _with_scalar_fallback(s.astype("string"), _email_fast, normalize_email)
+    return _with_scalar_fallback(_only_strings(values), _email_fast, normalize_email)
 
 
 def normalize_device_id_series(values: pd.Series) -> pd.Series:
     """Vectorised :func:`normalize_device_id`: same result cell by cell, ``<NA>`` if invalid."""
-    s = values.astype("object").map(lambda v: v if isinstance(v, str) else None)
-    return _with_scalar_fallback(s.astype("string"), _device_fast, normalize_device_id)
+    return _with_scalar_fallback(_only_strings(values), _device_fast, normalize_device_id)
 
 
 SERIES_NORMALIZERS: dict[IdKind, Callable[[pd.Series], pd.Series]] = {
@@ -222,14 +228,14 @@ def normalize_series(
 ) -> tuple[pd.Series, ColumnReport]:
     """Normalise a column; return the normalised values (``<NA>`` where invalid) and counts.
 
-    ``missing`` counts empty cells (null or whitespace only); ``invalid`` counts cells that
-    held something that is not a valid identifier of ``kind``.
+    ``missing`` counts empty cells (null, NaN or whitespace only); ``invalid`` counts cells
+    that held something (of any type) that is not a valid identifier of ``kind``.
     """
     if kind not in SERIES_NORMALIZERS:
         raise ValueError(f"unknown identifier kind {kind!r}; expected one of {ID_KINDS}")
     out = SERIES_NORMALIZERS[kind](values).astype("string")
-    raw = _as_str_series(values).str.strip(WHITESPACE)
-    missing = int((raw.isna() | (raw == "")).sum())
+    blank = (_only_strings(values).str.strip(WHITESPACE) == "").fillna(False).astype(bool)
+    missing = int((values.isna().to_numpy(dtype=bool) | blank.to_numpy(dtype=bool)).sum())
     valid = int(out.notna().sum())
     report = ColumnReport(
         column=column or kind,
