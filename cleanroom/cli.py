@@ -19,6 +19,7 @@ from cleanroom.errors import CleanroomError
 COMMAND_MODULES: tuple[str, ...] = (
     "cleanroom.synth.cli",
     "cleanroom.simulate",
+    "cleanroom.node.cli",
 )
 
 

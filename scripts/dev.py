@@ -35,7 +35,7 @@ def _run(cmd: list[str]) -> int:
 
 def ensure_env() -> None:
     """Create the virtual environment and install the project into it when needed."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this file runs before the venv exists
         sys.exit(f"Python 3.11 or newer is required, this is {sys.version.split()[0]}")
     if not PY.exists():
         _log(f"creating virtual environment in {VENV}")

@@ -1,0 +1,317 @@
+"""The node's FastAPI application and the one place subsystems plug their routers in.
+
+To add endpoints, write a module with ``def routers(ctx: NodeContext) -> list[APIRouter]``
+and add its dotted name to :data:`ROUTER_MODULES`. Peer endpoints go under ``/v1/peer/``
+(use the ``CurrentPeer`` dependency), operator endpoints under ``/v1/`` (``OperatorAuth``).
+A module may also define ``async def on_startup(ctx)`` / ``async def on_shutdown(ctx)``.
+
+Every request passes :class:`NodeGuard` first: it assigns the request id (taken from a
+well-formed ``X-Request-ID`` or generated, echoed on the response), applies the access
+rules of :mod:`cleanroom.node.deps`, enforces the request body limit (413) and writes one
+access log line (request id, caller, method, path, status: no query strings, headers or
+bodies). Errors are JSON ``{"error": {"code", "message", "request_id", ...}}``; bad input
+is a 4xx, never a 500.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+
+from cleanroom import __version__
+from cleanroom.errors import CleanroomError, ConfigError, InputError
+from cleanroom.node.config import PeerConfig
+from cleanroom.node.context import NodeContext
+from cleanroom.node.deps import (
+    BODY_LIMIT_ATTR,
+    CALLER_KEY,
+    REQUEST_ID_KEY,
+    Denied,
+    Operator,
+    authorize,
+)
+from cleanroom.transport import REQUEST_ID_HEADER, PeerCallError
+
+# Modules that contribute routers, in order. Add yours here.
+ROUTER_MODULES: tuple[str, ...] = (
+    "cleanroom.node.api_core",
+    "cleanroom.node.api_datasets",
+)
+
+log = logging.getLogger("cleanroom.node")
+access_log = logging.getLogger("cleanroom.node.access")
+
+_RID = re.compile(r"[A-Za-z0-9._-]{8,128}")
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def error_body(status: int, code: str, message: str, rid: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "request_id": rid, **extra}}
+
+
+class NodeGuard:
+    """Request id, access control, body size limit and access log, as plain ASGI."""
+
+    def __init__(self, app: ASGIApp, ctx: NodeContext, large_routes: list[tuple[BaseRoute, int]]):
+        self.app = app
+        self.ctx = ctx
+        self.large_routes = large_routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        rid = _request_id(scope)
+        scope[REQUEST_ID_KEY] = rid
+        self.ctx.reload_if_changed()
+        caller = authorize(self.ctx, scope)
+        scope[CALLER_KEY] = caller
+        status_box = [0]
+        response_started = [False]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response_started[0] = True
+                status_box[0] = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.lower().encode(), rid.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            if isinstance(caller, Denied):
+                await _send_json(
+                    send_with_id,
+                    caller.status,
+                    error_body(caller.status, caller.code, caller.message, rid),
+                )
+                return
+            limit = self._limit_for(scope)
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                await _send_json(send_with_id, 413, _too_large(limit, rid))
+                return
+            exceeded = [False]
+            received = [0]
+
+            async def limited_receive() -> Message:
+                message = await receive()
+                if message["type"] == "http.request":
+                    received[0] += len(message.get("body", b""))
+                    if received[0] > limit:
+                        exceeded[0] = True
+                        raise _BodyTooLarge
+                return message
+
+            async def guarded_send(message: Message) -> None:
+                if exceeded[0]:
+                    return  # the app's reply to a truncated body is replaced by the 413
+                await send_with_id(message)
+
+            try:
+                await self.app(scope, limited_receive, guarded_send)
+            except Exception:
+                if not exceeded[0]:
+                    raise
+            if exceeded[0] and not response_started[0]:
+                await _send_json(send_with_id, 413, _too_large(limit, rid))
+        finally:
+            access_log.info(
+                "%s %s %s %s %d %.1fms",
+                rid,
+                _caller_label(caller),
+                scope.get("method", "-"),
+                scope.get("path", "-"),
+                status_box[0],
+                (time.perf_counter() - started) * 1000,
+            )
+
+    def _limit_for(self, scope: Scope) -> int:
+        limits = self.ctx.config.limits
+        for route, limit in self.large_routes:
+            match, _ = route.matches(scope)
+            if match == Match.FULL:
+                return limit
+        return limits.max_request_bytes
+
+
+def _request_id(scope: Scope) -> str:
+    for key, value in scope.get("headers", []):
+        if key == REQUEST_ID_HEADER.lower().encode():
+            text = value.decode("latin-1")
+            if _RID.fullmatch(text):
+                return text
+            break
+    return uuid.uuid4().hex
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _too_large(limit: int, rid: str) -> dict[str, Any]:
+    return error_body(
+        413, "too_large", f"request body exceeds this endpoint's limit of {limit} bytes", rid
+    )
+
+
+def _caller_label(caller: object) -> str:
+    if isinstance(caller, PeerConfig):
+        return f"peer:{caller.name}"
+    if isinstance(caller, Operator):
+        return "operator"
+    if isinstance(caller, Denied):
+        return f"denied:{caller.code}"
+    return "client"
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    import json
+
+    data = json.dumps(body).encode("utf-8")
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+def _rid(request: Request) -> str:
+    rid: str = request.scope.get(REQUEST_ID_KEY, "")
+    return rid
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(InputError)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        extra = {k: v for k, v in (("column", exc.column), ("row", exc.row)) if v is not None}
+        return JSONResponse(
+            error_body(400, "input_error", str(exc), _rid(request), **extra), status_code=400
+        )
+
+    @app.exception_handler(PeerCallError)
+    async def _peer(request: Request, exc: PeerCallError) -> JSONResponse:
+        return JSONResponse(
+            error_body(502, "peer_call_failed", str(exc), _rid(request), peer=exc.peer),
+            status_code=502,
+        )
+
+    @app.exception_handler(ConfigError)
+    async def _config(request: Request, exc: ConfigError) -> JSONResponse:
+        log.error("configuration problem while serving %s: %s", _rid(request), exc)
+        return JSONResponse(
+            error_body(
+                500, "node_config", "node configuration problem; see the node log", _rid(request)
+            ),
+            status_code=500,
+        )
+
+    @app.exception_handler(CleanroomError)
+    async def _cleanroom(request: Request, exc: CleanroomError) -> JSONResponse:
+        return JSONResponse(error_body(409, "refused", str(exc), _rid(request)), status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "bad_method"}.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
+        return JSONResponse(
+            error_body(exc.status_code, code, str(exc.detail), _rid(request)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors()[:10]:
+            loc = ".".join(str(x) for x in err.get("loc", ()))
+            problems.append(f"{loc}: {err.get('msg', 'invalid')}")
+        return JSONResponse(
+            error_body(
+                422, "invalid_request", "; ".join(problems) or "invalid request", _rid(request)
+            ),
+            status_code=422,
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error in request %s", _rid(request))
+        return JSONResponse(
+            error_body(500, "internal", "internal error; see the node log", _rid(request)),
+            status_code=500,
+        )
+
+
+def create_app(ctx: NodeContext) -> FastAPI:
+    """Build the node's app: all registered routers behind :class:`NodeGuard`."""
+    modules = [importlib.import_module(name) for name in ROUTER_MODULES]
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        for m in modules:
+            hook = getattr(m, "on_startup", None)
+            if hook is not None:
+                await hook(ctx)
+        yield
+        for m in reversed(modules):
+            hook = getattr(m, "on_shutdown", None)
+            if hook is not None:
+                await hook(ctx)
+
+    app = FastAPI(
+        title=f"cleanroom node {ctx.config.name} ({ctx.config.party})",
+        version=__version__,
+        description=(
+            "Operator API of one clean-room node (`/v1/...`, own certificate plus "
+            "`Authorization: Bearer <operator token>`) and the peer API (`/v1/peer/...`, "
+            "pinned peers over mutual TLS). No endpoint returns dataset rows to peers."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.node_context = ctx
+    for m in modules:
+        for router in m.routers(ctx):
+            app.include_router(router)
+    _install_error_handlers(app)
+    large: list[tuple[BaseRoute, int]] = []
+    for route in app.routes:
+        marker = getattr(getattr(route, "endpoint", None), BODY_LIMIT_ATTR, None)
+        if marker is not None:
+            limit = ctx.config.limits.max_upload_bytes if marker == "upload" else int(marker)
+            large.append((route, limit))
+    app.add_middleware(NodeGuard, ctx=ctx, large_routes=large)
+    return app

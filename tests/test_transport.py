@@ -1,0 +1,124 @@
+"""Peer transport: bounded retries for idempotent calls only, limits, streaming, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import RunningNode, free_port
+
+from cleanroom.node.identity import NodeIdentity
+from cleanroom.transport import PeerCallError, PeerClient
+
+
+class _ClosingServer:
+    """Accepts TCP connections and closes them at once, counting them."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.count = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.count += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def identity(tmp_path: Path) -> NodeIdentity:
+    return NodeIdentity.create(tmp_path / "me", name="me", party="oem")
+
+
+def _client(identity: NodeIdentity, url: str, **kw: object) -> PeerClient:
+    return PeerClient(
+        peer_name="media",
+        base_url=url,
+        peer_cert_pem=identity.cert_pem,
+        own_cert_path=identity.cert_path,
+        own_key_path=identity.key_path,
+        backoff_seconds=0.01,
+        connect_timeout=5,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_idempotent_calls_are_retried_a_bounded_number_of_times(identity: NodeIdentity) -> None:
+    server = _ClosingServer()
+    try:
+        with _client(identity, f"https://127.0.0.1:{server.port}", retries=2) as client:
+            with pytest.raises(PeerCallError) as info:
+                client.get_json("/v1/peer/whoami")
+            assert server.count == 3
+            err = info.value
+            assert err.peer == "media" and err.method == "GET" and err.path == "/v1/peer/whoami"
+            assert err.request_id and err.request_id in str(err)
+            with pytest.raises(PeerCallError):
+                client.post_json("/v1/peer/submit", {"a": 1})
+            assert server.count == 4  # not retried: POST is not idempotent
+            with pytest.raises(PeerCallError):
+                client.upload("/v1/peer/probe", iter([b"x"]), method="PUT", idempotent=True)
+            assert server.count == 5  # a stream cannot be replayed
+    finally:
+        server.close()
+
+
+def test_connection_refused_names_peer_call_and_address(identity: NodeIdentity) -> None:
+    port = free_port()
+    with (
+        _client(identity, f"https://127.0.0.1:{port}", retries=0) as client,
+        pytest.raises(PeerCallError) as info,
+    ):
+        client.get_json("/v1/health")
+    text = str(info.value)
+    assert "peer 'media'" in text and "GET /v1/health" in text and f"127.0.0.1:{port}" in text
+
+
+def test_client_side_request_limit(identity: NodeIdentity) -> None:
+    with (
+        _client(identity, "https://127.0.0.1:9", max_request_bytes=10) as client,
+        pytest.raises(PeerCallError, match="exceeds the limit of 10 bytes"),
+    ):
+        client.upload("/v1/peer/probe", b"x" * 11)
+
+
+def test_streaming_both_ways_and_response_limit(three_nodes: dict[str, RunningNode]) -> None:
+    oem, media = three_nodes["oem"], three_nodes["media"]
+    h = hashlib.sha256()
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(40):
+            block = bytes([i]) * 100_000
+            h.update(block)
+            yield block
+
+    with media.client_from(oem) as client:
+        reply = client.upload("/v1/peer/probe", chunks())
+        assert reply == {"bytes": 4_000_000, "sha256": h.hexdigest()}
+        total = 0
+        with client.download("/v1/peer/probe", params={"bytes": "3000000"}) as stream:
+            for c in stream:
+                total += len(c)
+        assert total == 3_000_000
+    with (
+        media.client_from(oem, max_response_bytes=1_000_000) as client,
+        pytest.raises(PeerCallError, match="response exceeds"),
+        client.download("/v1/peer/probe", params={"bytes": "3000000"}) as stream,
+    ):
+        for _ in stream:
+            pass
