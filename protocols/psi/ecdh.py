@@ -1,0 +1,164 @@
+"""Per-bucket ECDH PSI crypto as plain functions a worker process can run.
+
+Everything here is a pure function over packed byte strings (rows of 32-byte X25519
+u-coordinates, concatenated) so that a node can ship a bucket to a process pool with one
+pickle of one ``bytes`` object instead of a list of small objects, and get one back.
+
+The group operation is X25519 (RFC 7748) from libsodium through PyNaCl
+(``crypto_scalarmult``): about 7% faster per element than ``cryptography``'s X25519
+objects on this project's machines because no key object is built per point; the tests
+check that both give identical results. Scalars are 32 random bytes, clamped by X25519
+itself, so they are multiples of 8 and clear the cofactor of the hash-to-curve output
+(see :mod:`protocols.psi.h2c`). Curve25519 is twist-secure, so points received from a peer
+need only a canonical-encoding check (:func:`check_points`), not an on-curve check; a point
+of small order makes X25519 fail, which surfaces as :class:`RemoteProtocolError`.
+
+Each element costs two scalar multiplications at each party: one to blind its own
+elements and one to re-blind the peer's. Nothing here does I/O or keeps state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+from nacl.bindings import crypto_scalarmult
+from nacl.exceptions import RuntimeError as NaclRuntimeError
+
+from protocols.errors import RemoteProtocolError
+from protocols.psi import h2c
+
+POINT_BYTES = 32
+SCALAR_BYTES = 32
+DST_PREFIX = b"CLEANROOM-PSI-V1-"
+
+
+def new_scalar() -> bytes:
+    """Fresh secret scalar (X25519 clamps it on use)."""
+    return secrets.token_bytes(SCALAR_BYTES)
+
+
+def h2c_dst(session_id: bytes) -> bytes:
+    """Domain separation tag: project, protocol version, session and suite.
+
+    Binding the session id means encrypted values from one session are useless in another.
+    """
+    return DST_PREFIX + session_id.hex().encode() + b"-" + h2c.SUITE_ID.encode()
+
+
+def derive_bucket_key(session_id: bytes, requester_nonce: bytes, responder_nonce: bytes) -> bytes:
+    """Key of the bucket hash, fixed by both parties' randomness (neither picks it alone)."""
+    h = hashlib.sha512(b"cleanroom-psi-v1 bucket key\x00")
+    for part in (session_id, requester_nonce, responder_nonce):
+        h.update(len(part).to_bytes(2, "big") + part)
+    return h.digest()[:32]
+
+
+def partition(items: Sequence[bytes], bucket_key: bytes, bucket_count: int) -> list[list[int]]:
+    """Indices of ``items`` per bucket, under a keyed BLAKE2b hash (order kept in a bucket)."""
+    if bucket_count < 1:
+        raise ValueError("bucket_count must be at least 1")
+    buckets: list[list[int]] = [[] for _ in range(bucket_count)]
+    if bucket_count == 1:
+        buckets[0] = list(range(len(items)))
+        return buckets
+    blake = hashlib.blake2b
+    from_bytes = int.from_bytes
+    for i, item in enumerate(items):
+        h = from_bytes(blake(item, key=bucket_key, digest_size=8).digest(), "little")
+        buckets[h % bucket_count].append(i)
+    return buckets
+
+
+def scalarmult_packed(scalar: bytes, points: bytes) -> bytes:
+    """Multiply every 32-byte u in ``points`` by ``scalar``; return the packed results.
+
+    Raises :class:`RemoteProtocolError` if a point is of small order (X25519 output zero).
+    """
+    if len(points) % POINT_BYTES:
+        raise RemoteProtocolError("point list length is not a multiple of 32 bytes")
+    sm = crypto_scalarmult
+    mv = memoryview(points)
+    try:
+        return b"".join([sm(scalar, bytes(mv[i : i + 32])) for i in range(0, len(points), 32)])
+    except NaclRuntimeError:
+        raise RemoteProtocolError("a point of small order was received") from None
+
+
+def encrypt_items(scalar: bytes, dst: bytes, items: Sequence[bytes]) -> bytes:
+    """Hash every item to the curve and multiply by ``scalar``: the first-round values."""
+    return scalarmult_packed(scalar, h2c.encode_many(items, dst))
+
+
+_P_BYTES = (2**255 - 19).to_bytes(32, "little")
+
+
+def check_points(points: bytes) -> None:
+    """Reject non-canonical u encodings (top bit set or u >= p): vectorised, no per-point loop."""
+    if len(points) % POINT_BYTES:
+        raise RemoteProtocolError("point list length is not a multiple of 32 bytes")
+    if not points:
+        return
+    arr = np.frombuffer(points, dtype=np.uint8).reshape(-1, POINT_BYTES)
+    if bool((arr[:, 31] & 0x80).any()):
+        raise RemoteProtocolError("non-canonical point encoding (high bit set)")
+    # u >= p only when bytes 1..30 are 0xff, byte 31 is 0x7f and byte 0 >= 0xed.
+    near = (arr[:, 31] == 0x7F) & (arr[:, 1:31] == 0xFF).all(axis=1) & (arr[:, 0] >= 0xED)
+    if bool(near.any()):
+        raise RemoteProtocolError("non-canonical point encoding (u >= p)")
+
+
+def split_points(points: bytes) -> list[bytes]:
+    """Packed rows to a list of 32-byte values."""
+    return [points[i : i + POINT_BYTES] for i in range(0, len(points), POINT_BYTES)]
+
+
+def shuffle_packed(
+    points: bytes, rng: secrets.SystemRandom | None = None
+) -> tuple[bytes, list[int]]:
+    """Uniformly shuffle rows; return the shuffled rows and the permutation used.
+
+    ``perm[j]`` is the original row index now at position ``j``.
+    """
+    n = len(points) // POINT_BYTES
+    perm = list(range(n))
+    (rng or secrets.SystemRandom()).shuffle(perm)
+    rows = split_points(points)
+    return b"".join([rows[j] for j in perm]), perm
+
+
+def random_nonce() -> bytes:
+    return os.urandom(32)
+
+
+# --- worker entry points: pure, picklable arguments, packed results -------------------
+
+
+def requester_blind_job(scalar: bytes, dst: bytes, items: Sequence[bytes]) -> bytes:
+    """Requester, round 3: ``a·H(x)`` for the bucket's distinct items, in the given order."""
+    return encrypt_items(scalar, dst, items)
+
+
+def responder_bucket_job(
+    scalar: bytes, dst: bytes, own_items: Sequence[bytes], peer_points: bytes, shuffle_peer: bool
+) -> tuple[bytes, bytes, list[int]]:
+    """Responder, round 4: returns (``b·aH(x)`` maybe shuffled, ``b·H(y)`` shuffled, own perm).
+
+    ``own perm`` says which own item sits at each position of the shuffled list, so the
+    responder can attach its labels in the same order.
+    """
+    check_points(peer_points)
+    double = scalarmult_packed(scalar, peer_points)
+    if shuffle_peer:
+        double, _ = shuffle_packed(double)
+    own, perm = shuffle_packed(encrypt_items(scalar, dst, own_items))
+    return double, own, perm
+
+
+def requester_finish_job(scalar: bytes, responder_points: bytes) -> bytes:
+    """Requester, after round 4: ``a·bH(y)`` for the responder's shuffled list."""
+    check_points(responder_points)
+    return scalarmult_packed(scalar, responder_points)
