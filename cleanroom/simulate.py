@@ -9,15 +9,18 @@ operator uses); it holds no protocol or policy logic of its own.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cleanroom.errors import InputError
+from cleanroom.node.launcher import NodeProcess, make_node, pin_each_other
 from cleanroom.synth import SynthConfig, generate
+from parties.schemas import PARTY_TABLES, get_schema, table_file
 
 DEFAULT_LEADS = 20_000
 MARKER = ".cleanroom-simulation"
@@ -37,6 +40,46 @@ class StepTimer:
         self.times[name] = elapsed
         print(f"    {name}: done in {elapsed:.1f} s", flush=True)
         return result
+
+
+PARTIES: tuple[str, ...] = ("oem", "media", "dealer")
+
+
+def _upload(node: NodeProcess, table: str, path: Path) -> dict[str, Any]:
+    """Ingest one party table at its own node through the operator API (streamed upload)."""
+    name = table.split("/", 1)[1]
+    id_columns = ",".join(f"{c}:{k}" for c, k in get_schema(table).id_columns.items())
+    fmt = path.suffix.lstrip(".")
+
+    def chunks() -> Iterator[bytes]:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+
+    with node.operator_client(timeout=600.0) as client:
+        report: dict[str, Any] = client.upload(
+            f"/v1/datasets/{name}/versions",
+            chunks(),
+            params={"id_columns": id_columns, "format": fmt, "filename": path.name},
+        )
+    return report
+
+
+def _ingest_all(nodes: dict[str, NodeProcess], data_dir: Path) -> dict[str, dict[str, Any]]:
+    reports: dict[str, dict[str, Any]] = {}
+    for table in PARTY_TABLES:
+        party = table.split("/", 1)[0]
+        reports[table] = _upload(nodes[party], table, table_file(data_dir, table))
+    return reports
+
+
+def _print_ingest(reports: dict[str, dict[str, Any]]) -> None:
+    print("  datasets ingested at their owners' nodes (rows; invalid identifiers per column):")
+    for table, report in reports.items():
+        invalid = ", ".join(
+            f"{r['column']} {r['invalid']}" for r in report.get("id_report", []) if r["invalid"]
+        )
+        print(f"    {table:<20} {report['rows']:>9,}  {invalid}")
 
 
 def run_simulation(out: Path, leads: int, seed: int, *, overwrite: bool = False) -> dict[str, Any]:
@@ -59,10 +102,34 @@ def run_simulation(out: Path, leads: int, seed: int, *, overwrite: bool = False)
         lambda: generate(data_dir, SynthConfig(leads=leads, seed=seed)),
     )
     print(summary.format())
-    result: dict[str, Any] = {"data": summary.as_dict(), "step_seconds": timer.times}
+    result: dict[str, Any] = {"data": summary.as_dict()}
+
+    nodes_dir = out / "nodes"
+    nodes_dir.mkdir()
+
+    def init_nodes() -> dict[str, NodeProcess]:
+        made = {party: make_node(nodes_dir, party, party) for party in PARTIES}
+        pin_each_other(*made.values())
+        return made
+
+    nodes: dict[str, NodeProcess] = timer.run("initialise three nodes and pin peers", init_nodes)
+    try:
+        timer.run("start nodes", lambda: [n.start() for n in nodes.values()])
+        for node in nodes.values():
+            print(f"    {node.name:<7} {node.url}  (log: {node.log_path})")
+        reports = timer.run(
+            "ingest each party's data at its node", lambda: _ingest_all(nodes, data_dir)
+        )
+        _print_ingest(reports)
+        result["ingest"] = reports
+    finally:
+        timer.run("stop nodes", lambda: [n.stop() for n in nodes.values()])
+    result["step_seconds"] = timer.times
     print("\nStep times:")
     for name, seconds in timer.times.items():
-        print(f"  {name:<32} {seconds:8.1f} s")
+        print(f"  {name:<40} {seconds:8.1f} s")
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nsummary written to {out / 'summary.json'}")
     return result
 
 

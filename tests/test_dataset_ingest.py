@@ -232,3 +232,18 @@ def test_operator_upload_streams_and_ingests(
     assert listed["visits"]["id_report"][0]["valid"] == 2
     # nothing of the rows is in the listing
     assert "13800138000" not in str(listed) and "example.com" not in str(listed).lower()
+
+
+def test_a_table_without_identifier_columns_is_stored_as_is(tmp_path: Path) -> None:
+    """Store lists, inventory and features keyed by a local row id have no identifiers."""
+    from cleanroom.storage.datasets import ingest_file, read_dataset
+    from cleanroom.storage.db import engine_for, init_db
+
+    engine = engine_for(f"sqlite:///{tmp_path / 'node.db'}")
+    init_db(engine)
+    src = tmp_path / "inventory.csv"
+    src.write_text("store_id,series,units\nS0001,AX3,4\nS0002,EV6,0\n")
+    report = ingest_file(engine, tmp_path / "data", "inventory", src, "")
+    assert (report.rows, report.id_report) == (2, [])
+    table = read_dataset(engine, tmp_path / "data", "inventory")
+    assert table.column("units").to_pylist() == [4, 0]

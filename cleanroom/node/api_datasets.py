@@ -58,7 +58,9 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
         request: Request,
         _op: OperatorAuth,
         ctx: NodeContextDep,
-        id_columns: str = Query(..., description="e.g. phone,email,device_id or col:kind"),
+        id_columns: str = Query(
+            "", description="e.g. phone,email,device_id or col:kind; empty for none"
+        ),
         format: str | None = Query(None, pattern="^(csv|tsv|parquet)$"),
         filename: str | None = Query(None, max_length=255),
     ) -> dict[str, Any]:

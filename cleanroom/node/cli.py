@@ -74,8 +74,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--file", required=True, type=Path)
     p.add_argument(
         "--id-columns",
-        required=True,
-        help="identifier columns, e.g. phone,email,device_id or mobile:phone",
+        default="",
+        help="identifier columns, e.g. phone,email,device_id or mobile:phone (default: none)",
     )
     p.add_argument("--format", choices=["csv", "tsv", "parquet"], help="default: from suffix")
     p.add_argument("--json", action="store_true")

@@ -161,7 +161,9 @@ def check_name(name: str) -> str:
 def parse_id_columns(spec: str | Sequence[str] | Mapping[str, str]) -> dict[str, IdKind]:
     """``"phone,mail:email"`` -> ``{"phone": "phone", "mail": "email"}``.
 
-    A bare column name gets its kind from :func:`cleanroom.identity.infer_kind`.
+    A bare column name gets its kind from :func:`cleanroom.identity.infer_kind`. An empty
+    spec is allowed: a table without identifiers (a store list, inventory, features keyed by
+    a local row id) is stored as it is.
     """
     if isinstance(spec, Mapping):
         items = [f"{k}:{v}" for k, v in spec.items()]
@@ -194,8 +196,6 @@ def parse_id_columns(spec: str | Sequence[str] | Mapping[str, str]) -> dict[str,
         if column in out:
             raise InputError("listed twice in id columns", column=column)
         out[column] = kind
-    if not out:
-        raise InputError("no identifier columns given (for example: --id-columns phone,email)")
     return out
 
 

@@ -1,0 +1,48 @@
+"""The main job end to end at a small size: data, three real node processes, ingest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cleanroom.cli import main
+from cleanroom.errors import InputError
+from cleanroom.simulate import MARKER, run_simulation
+from parties.schemas import PARTY_TABLES
+
+
+def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "sim"
+    result = run_simulation(out, leads=400, seed=3)
+    rows = result["data"]["rows"]
+    assert set(result["ingest"]) == set(PARTY_TABLES)
+    for table, report in result["ingest"].items():
+        assert report["rows"] == rows[table], table
+    # Every identifier column of a party table was normalised at its own node, and the
+    # invalid values the generator planted were counted there, not crashed on.
+    users = result["ingest"]["media/users"]["id_report"]
+    assert {r["column"] for r in users} == {"phone", "email", "device_id", "device_id_2"}
+    assert all(r["valid"] + r["missing"] + r["invalid"] == r["rows"] for r in users)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["ingest"]["oem/leads"]["rows"] == 400
+    # No node keeps running after the simulation.
+    for party in ("oem", "media", "dealer"):
+        assert (out / "nodes" / party / "node.toml").exists()
+
+
+def test_simulation_refuses_a_foreign_folder_and_replaces_its_own(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("someone's file")
+    with pytest.raises(InputError, match="not empty"):
+        run_simulation(foreign, leads=400, seed=1)
+    assert (foreign / "keep.txt").exists()
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / MARKER).write_text("earlier run")
+    (own / "stale.txt").write_text("old output")
+    assert main(["simulate", "--out", str(own), "--leads", "50"]) != 0  # too few leads
+    assert (own / "stale.txt").exists()  # a refused run changes nothing
