@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from enum import Enum
 
 import private_set_intersection.python as _psi
-from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError
 
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 
