@@ -61,7 +61,8 @@ import pyarrow.parquet as pq
 
 from cleanroom.errors import InputError
 from cleanroom.identity import IdKind
-from cleanroom.synth.model import PRIOR_BRANDS, SERIES, SOURCE_CHANNELS, fit_features
+from cleanroom.synth.model import fit_features
+from parties.catalog import PRIOR_BRANDS, SERIES, SOURCE_CHANNELS
 
 Dtype = Literal["string", "int", "float", "bool", "datetime"]
 

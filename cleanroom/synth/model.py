@@ -19,13 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-FloatArray = npt.NDArray[np.float64]
+from parties.catalog import PRIOR_BRANDS, SERIES, SOURCE_CHANNELS
 
-SERIES: tuple[str, ...] = ("AX3", "AX5", "AX7", "EV6", "EV9")
-SOURCE_CHANNELS: tuple[str, ...] = (
-    "website", "app", "media_ad", "call_center", "dealer_event", "referral",
-)
-PRIOR_BRANDS: tuple[str, ...] = ("none", "domestic", "japanese", "german", "american", "korean")
+FloatArray = npt.NDArray[np.float64]
 
 PARTIES: tuple[str, ...] = ("oem", "media", "dealer")
 
