@@ -32,6 +32,9 @@ from cleanroom.node.context import NodeContext
 from cleanroom.transport import PeerCallError, PeerClient
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The throw-away PostgreSQL cluster fixtures (pg_url, pg_engine), one per session.
+pytest_plugins = ["pgserver"]
 START_TIMEOUT = 30.0
 
 
@@ -92,13 +95,16 @@ class RunningNode:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = START_TIMEOUT) -> RunningNode:
+    def start(
+        self, timeout: float = START_TIMEOUT, env: dict[str, str] | None = None
+    ) -> RunningNode:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             node_command("node", "start", "--dir", str(self.dir)),
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         deadline = time.monotonic() + timeout
