@@ -107,3 +107,19 @@ def test_fingerprint_forms() -> None:
     assert normalize_fingerprint("SHA256:" + format_fingerprint(fp)) == fp
     with pytest.raises(ValueError):
         normalize_fingerprint("abc")
+
+
+def test_ledger_settings_are_validated(tmp_path: Path) -> None:
+    node_dir = tmp_path / "oem"
+    init_node(node_dir, name="oem", party="oem", listen="127.0.0.1:9443")
+    config_file = node_dir / "node.toml"
+    assert NodeConfig.load(node_dir).ledger.witness_interval_seconds == 300.0
+    original = config_file.read_text()
+    config_file.write_text(original + "\n[ledger]\nwitness_interval_seconds = 0\n")
+    assert NodeConfig.load(node_dir).ledger.witness_interval_seconds == 0.0
+    config_file.write_text(original + "\n[ledger]\nwitness_interval_seconds = -5\n")
+    with pytest.raises(ConfigError, match=r"line \d+: key 'ledger.witness_interval_seconds'"):
+        NodeConfig.load(node_dir)
+    config_file.write_text(original + "\n[ledger]\nwitness_every = 5\n")
+    with pytest.raises(ConfigError, match=r"'ledger\.witness_every': unknown key"):
+        NodeConfig.load(node_dir)

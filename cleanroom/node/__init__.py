@@ -5,5 +5,7 @@ Modules: ``identity`` (Ed25519 key + self-signed certificate), ``config`` (``nod
 and the client certificate in the ASGI scope), ``deps`` (``CurrentPeer``, ``OperatorAuth``,
 ``NodeContextDep``, ``DbSession``), ``app`` (``create_app`` and ``ROUTER_MODULES``, the
 registration point for subsystem routers), ``server`` (``node start``), ``datasets``
-(``load_dataset``), ``cli``. Nothing in this package sends dataset rows to a peer.
+(``load_dataset``), ``audit`` (the node's ledger: ``record``, ``reconcile``), ``api_ledger``
+(checkpoint, proof and entry endpoints), ``witness_service`` (cross-party witnessing rounds
+and timer), ``launcher`` (run a node as a local process), ``cli``. Nothing in this package sends dataset rows to a peer.
 """

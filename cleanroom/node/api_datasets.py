@@ -10,6 +10,7 @@ never read rows.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -25,6 +26,22 @@ from cleanroom.node.deps import NodeContextDep, OperatorAuth, body_limit
 from cleanroom.storage.datasets import check_name
 
 UPLOADS_SUBDIR = "uploads"
+log = logging.getLogger("cleanroom.node.datasets")
+
+
+def _record_ingest(ctx: NodeContext) -> None:
+    """Record the new version in the audit ledger (``dataset_registered``).
+
+    The version is already committed; if recording fails now, the next reconcile (any
+    later ingest, witnessing round or node start) records it, so the upload still succeeds.
+    """
+    from cleanroom.errors import CleanroomError
+    from cleanroom.node.audit import reconcile
+
+    try:
+        reconcile(ctx)
+    except CleanroomError as exc:
+        log.warning("dataset version stored; its ledger entry is deferred: %s", exc)
 
 
 def routers(ctx: NodeContext) -> list[APIRouter]:
@@ -79,6 +96,7 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
             report = await run_in_threadpool(
                 add_dataset, ctx, name, tmp, id_columns, fmt=format, source_name=shown
             )
+            await run_in_threadpool(_record_ingest, ctx)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()

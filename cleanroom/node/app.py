@@ -48,6 +48,8 @@ from cleanroom.transport import REQUEST_ID_HEADER, PeerCallError
 ROUTER_MODULES: tuple[str, ...] = (
     "cleanroom.node.api_core",
     "cleanroom.node.api_datasets",
+    "cleanroom.node.api_ledger",
+    "cleanroom.queries.api",
 )
 
 log = logging.getLogger("cleanroom.node")

@@ -255,6 +255,7 @@ def _dataset_add(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     report = add_dataset(ctx, args.name, args.file, args.id_columns, fmt=args.format)
     elapsed = time.perf_counter() - t0
+    ledger_how = _record_dataset_event(ctx)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
         return 0
@@ -268,7 +269,29 @@ def _dataset_add(args: argparse.Namespace) -> int:
             f"  {r['column']:<16} {r['kind']:<9} valid {r['valid']:>9}  missing "
             f"{r['missing']:>9}  invalid {r['invalid']:>9}"
         )
+    if ledger_how == "node":
+        print("  recorded in the audit ledger by the running node")
+    elif ledger_how == "recorded":
+        print("  recorded in the audit ledger")
     return 0
+
+
+def _record_dataset_event(ctx: Any) -> str:
+    """Record ``dataset_registered`` without a second ledger writer (see
+    :func:`cleanroom.node.audit.record_outside_node`); warn on stderr if deferred."""
+    import sys
+
+    from cleanroom.node.audit import record_outside_node
+
+    how = record_outside_node(ctx)
+    if how == "deferred":
+        print(
+            "warning: the dataset is stored, but its audit-ledger entry could not be written "
+            "now (the ledger is busy and the node's operator API did not answer); the node "
+            "records it when it next starts",
+            file=sys.stderr,
+        )
+    return how
 
 
 def _dataset_list(args: argparse.Namespace) -> int:

@@ -18,6 +18,9 @@ Layout::
     peer_timeout_seconds = 60.0
     peer_retries = 2
 
+    [ledger]                          # optional
+    witness_interval_seconds = 300    # cross-party witnessing timer; 0 turns it off
+
     [[peers]]
     name = "media"
     party = "media"
@@ -81,6 +84,13 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class LedgerSettings:
+    """Audit-ledger settings: how often this node witnesses its peers' ledgers."""
+
+    witness_interval_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
 class PeerConfig:
     """A pinned partner node: only a client presenting exactly this certificate is it."""
 
@@ -113,6 +123,7 @@ class NodeConfig:
     operator_token_file: Path
     limits: Limits
     peers: tuple[PeerConfig, ...]
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
 
     @property
     def listen(self) -> str:
@@ -200,10 +211,12 @@ def parse_config(text: str, path: Path) -> NodeConfig:
         dotted = f"{table}[{index}].{key}" if table == "peers" else f"{table}.{key}"
         return ConfigError(f"{path}: {where}key {dotted!r}: {message}")
 
-    unknown_top = set(raw) - {"node", "limits", "peers"}
+    unknown_top = set(raw) - {"node", "limits", "ledger", "peers"}
     if unknown_top:
         bad = sorted(unknown_top)[0]
-        raise ConfigError(f"{path}: unknown top-level key {bad!r} (expected node, limits, peers)")
+        raise ConfigError(
+            f"{path}: unknown top-level key {bad!r} (expected node, limits, ledger, peers)"
+        )
     node = raw.get("node")
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: missing the [node] table")
@@ -258,6 +271,7 @@ def parse_config(text: str, path: Path) -> NodeConfig:
     token_file = node_dir / token_text
 
     limits = _parse_limits(raw.get("limits", {}), path, fail)
+    ledger = _parse_ledger(raw.get("ledger", {}), path, fail)
     peers = _parse_peers(raw.get("peers", []), path, node_dir, fail)
     return NodeConfig(
         path=path,
@@ -273,6 +287,7 @@ def parse_config(text: str, path: Path) -> NodeConfig:
         operator_token_file=token_file,
         limits=limits,
         peers=peers,
+        ledger=ledger,
     )
 
 
@@ -293,6 +308,19 @@ def _parse_limits(raw: Any, path: Path, fail: _Fail) -> Limits:
             raise fail("limits", key, f"must be a positive {want.__name__}")
         values[key] = want(value)
     return Limits(**values)
+
+
+def _parse_ledger(raw: Any, path: Path, fail: _Fail) -> LedgerSettings:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: [ledger] must be a table")
+    values: dict[str, float] = {}
+    for key, value in raw.items():
+        if key != "witness_interval_seconds":
+            raise fail("ledger", key, "unknown key (expected witness_interval_seconds)")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise fail("ledger", key, "must be a number of seconds, 0 or more (0 = no timer)")
+        values[key] = float(value)
+    return LedgerSettings(**values)
 
 
 def _parse_peers(raw: Any, path: Path, node_dir: Path, fail: _Fail) -> tuple[PeerConfig, ...]:

@@ -27,7 +27,11 @@ from sqlmodel import Session, SQLModel, create_engine
 from cleanroom.errors import ConfigError
 
 # Modules whose import registers tables on SQLModel.metadata. Add yours here.
-TABLE_MODULES: tuple[str, ...] = ("cleanroom.storage.datasets",)
+TABLE_MODULES: tuple[str, ...] = (
+    "cleanroom.storage.datasets",
+    "cleanroom.ledger.store",
+    "cleanroom.queries.tables",
+)
 
 DEFAULT_SQLITE_FILE = "node.db"
 
