@@ -20,6 +20,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "cleanroom.synth.cli",
     "cleanroom.simulate",
     "cleanroom.node.cli",
+    "audits.cli",
+    "cleanroom.queries.cli",
 )
 
 
