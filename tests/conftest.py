@@ -16,37 +16,25 @@ mutual-TLS client from node ``other`` to this node, as ``other`` pins it), ``sto
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from cleanroom.node.admin import add_peer, init_node
-from cleanroom.node.context import NodeContext
-from cleanroom.transport import PeerCallError, PeerClient
+from cleanroom.node.launcher import (
+    NodeProcess,
+    free_port,
+    make_node,
+    node_command,
+    pin_each_other,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # The throw-away PostgreSQL cluster fixtures (pg_url, pg_engine), one per session.
 pytest_plugins = ["pgserver"]
-START_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def node_command(*args: str) -> list[str]:
-    """The node/dataset CLI as a subprocess command (same parser as ``cleanroom node``)."""
-    return [sys.executable, "-m", "cleanroom.node", *args]
+__all__ = ["RunningNode", "free_port", "make_node", "node_command", "pin_each_other"]
 
 
 def run_node_cli(
@@ -63,93 +51,9 @@ def run_node_cli(
     )
 
 
-@dataclass
-class RunningNode:
-    name: str
-    party: str
-    dir: Path
-    port: int
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.log_path = self.dir.parent / f"{self.name}.log"
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    @property
-    def cert_path(self) -> Path:
-        return self.dir / "identity" / "node.pem"
-
-    def context(self) -> NodeContext:
-        return NodeContext.open(self.dir)
-
-    def operator_client(self, **overrides: object) -> PeerClient:
-        return self.context().operator_client(**overrides)
-
-    def client_from(self, other: RunningNode, **overrides: object) -> PeerClient:
-        return other.context().peer_client(self.name, **overrides)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def start(
-        self, timeout: float = START_TIMEOUT, env: dict[str, str] | None = None
-    ) -> RunningNode:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            node_command("node", "start", "--dir", str(self.dir)),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        with self.operator_client(retries=0, connect_timeout=2.0, timeout=5.0) as client:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"node {self.name} exited early:\n{self.log()}")
-                try:
-                    client.get_json("/v1/health")
-                    return self
-                except PeerCallError as exc:
-                    if time.monotonic() > deadline:
-                        self.stop()
-                        raise RuntimeError(
-                            f"node {self.name} did not start:\n{self.log()}"
-                        ) from exc
-                    time.sleep(0.05)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
-
-def make_node(base: Path, name: str, party: str) -> RunningNode:
-    port = free_port()
-    node_dir = base / name
-    init_node(node_dir, name=name, party=party, listen=f"127.0.0.1:{port}")
-    return RunningNode(name=name, party=party, dir=node_dir, port=port)
-
-
-def pin_each_other(*nodes: RunningNode) -> None:
-    for a in nodes:
-        for b in nodes:
-            if a is not b:
-                add_peer(a.dir, name=b.name, url=b.url, cert_file=b.cert_path, party=b.party)
+# The fixtures' name for a node process; the class lives in the engine so the simulation
+# and the tests start nodes the same way.
+RunningNode = NodeProcess
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ certificate) and signals processes. It never reads a node's data.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -71,14 +72,21 @@ class NodeProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = START_TIMEOUT, cwd: Path | None = None) -> NodeProcess:
-        """Start the node process and return once ``/v1/health`` answers."""
+    def start(
+        self,
+        timeout: float = START_TIMEOUT,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> NodeProcess:
+        """Start the node process (``env`` adds to the environment) and return once
+        ``/v1/health`` answers."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 node_command("node", "start", "--dir", str(self.dir)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=cwd,
+                env={**os.environ, **(env or {})},
             )
         deadline = time.monotonic() + timeout
         with self.operator_client(retries=0, connect_timeout=2.0, timeout=5.0) as client:
