@@ -4,10 +4,22 @@
 time window, or filtered here with ``since_ms``/``until_ms``, ``until`` exclusive) into a
 :class:`ReportStats`: queries per counterparty and purpose, policy decisions with the rules
 that denied, what left the domain per peer (messages and bytes from ``message_sent``,
-rows and bytes from ``result_delivered`` to another party), privacy budget charged per
-partner (``result_delivered.epsilon_milli``: charged to the receiver; a result this node
-received is listed against the query's counterparties), witnessing (``checkpoint_cosigned``,
-``witness_alarm``) and governance events (datasets, policy changes, key rotations).
+rows and bytes from ``result_delivered`` to another party), privacy budget per partner,
+witnessing (``checkpoint_cosigned``, ``witness_alarm``) and governance events (datasets,
+policy changes, key rotations).
+
+Privacy budget (thousandths of epsilon, integers):
+
+- *charged*: ``result_delivered.epsilon_milli``, charged to ``result_delivered.charged_to``;
+  without it, to the ``charged_to`` of the query's ``policy_decision``; without either, to
+  the receiver (the assumption of entries written before ``charged_to`` existed). A charge
+  to a party that is not this node is listed under that partner; a charge to this node is
+  listed against the query's other parties (budget this node spent at its partners);
+- *reserved*: ``policy_decision.epsilon_milli`` is what the query asks for. For a query
+  approved but not yet delivered, failed or cancelled at the end of the period, it is
+  listed as reserved, against the decision's ``charged_to``; without it, against the
+  requester (a peer's query) or this node's partners (this node's query), as the policy
+  reserves it. Entries without these fields count nothing as reserved.
 
 Pure computation: no I/O, no HTML. Values are copied as they are in the entries; escaping
 is the renderer's job. Entry fields are data and are never interpreted as markup or code.
@@ -53,7 +65,9 @@ class QueryInfo:
     cancelled: str | None = None
     delivered_rows: int = 0
     delivered: bool = False
-    epsilon_milli: int = 0
+    epsilon_milli: int = 0  # charged (result_delivered.epsilon_milli)
+    epsilon_requested_milli: int | None = None  # asked for (policy_decision.epsilon_milli)
+    charged_to: str | None = None  # whose budget, per the decisions (charged_to)
     proposed_in_period: bool = False
 
     @property
@@ -107,6 +121,8 @@ class BudgetUse:
     results: int = 0
     by_purpose: Counter[str] = field(default_factory=Counter)
     charges: list[tuple[int, int]] = field(default_factory=list)  # (ts_ms, epsilon_milli)
+    reserved_milli: int = 0  # approved, not yet delivered, failed or cancelled
+    reserved_queries: int = 0
     limit_epsilon: float | None = None
     period_days: float | None = None
 
@@ -203,6 +219,14 @@ def _others(st: ReportStats, q: QueryInfo) -> list[str]:
     return out or [UNKNOWN]
 
 
+def _budget_targets(st: ReportStats, q: QueryInfo, payer: str) -> list[BudgetUse]:
+    """Where budget paid by ``payer`` is listed: under the partner, or (paid by this node)
+    against each of the query's other parties."""
+    if payer in st.self_names:
+        return [st.budgets_self.setdefault(cp, BudgetUse(cp)) for cp in _others(st, q)]
+    return [st.budgets.setdefault(payer, BudgetUse(payer))]
+
+
 def collect(
     entries: Iterable[Entry],
     *,
@@ -248,7 +272,13 @@ def collect(
         elif t == "policy_decision" and qid is not None:
             party, decision = _s(f.get("party")), _s(f.get("decision"))
             rule = _s(f.get("rule_id"))
-            _query(st, qid).decisions.append((party, decision, rule))
+            q = _query(st, qid)
+            q.decisions.append((party, decision, rule))
+            asked = _opt(f.get("epsilon_milli"))
+            if asked is not None:
+                q.epsilon_requested_milli = max(asked, q.epsilon_requested_milli or 0)
+            if isinstance(f.get("charged_to"), str) and q.charged_to is None:
+                q.charged_to = str(f["charged_to"])
             st.decisions[decision] += 1
             st.decisions_by_party.setdefault(party, Counter())[decision] += 1
             if decision == "denied":
@@ -323,16 +353,21 @@ def collect(
             fl.rows_to += rows
             fl.result_bytes_to += size
         if "epsilon_milli" in f:
-            if receiver in st.self_names:
-                targets = [st.budgets_self.setdefault(cp, BudgetUse(cp))
-                           for cp in _others(st, q)]
-            else:
-                targets = [st.budgets.setdefault(receiver, BudgetUse(receiver))]
-            for b in targets:
+            charged = f.get("charged_to")
+            payer = charged if isinstance(charged, str) else q.charged_to or receiver
+            for b in _budget_targets(st, q, payer):
                 b.epsilon_milli += eps
                 b.results += 1
                 b.by_purpose[q.purpose] += eps
                 b.charges.append((e.ts_ms, eps))
+    for q in st.queries.values():
+        if q.epsilon_requested_milli and q.outcome == "approved":
+            payer = q.charged_to or q.requester  # this node's own query: paid by itself
+            if payer == UNKNOWN:
+                continue  # proposed before the period: whose budget is not known
+            for b in _budget_targets(st, q, payer):
+                b.reserved_milli += q.epsilon_requested_milli
+                b.reserved_queries += 1
     for partner, (limit, days) in (budgets or {}).items():
         b = st.budgets.setdefault(partner, BudgetUse(partner))
         b.limit_epsilon, b.period_days = limit, days

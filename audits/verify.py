@@ -13,6 +13,12 @@ database **read-only** and runs :func:`cleanroom.ledger.verify.verify_store` wit
   ``cleanroom/<pinned name>``: peers are pinned under their own node name, as
   :func:`cleanroom.node.audit.peer_origin` has it.
 
+The store is opened with ``LedgerStore(engine, read_only=True)`` (no pragma, no DDL, so
+a read-only copy that is not in WAL mode opens), and every local read (entries,
+checkpoints, cosignatures, witness memory) comes from one snapshot
+(:meth:`~cleanroom.ledger.store.LedgerStore.snapshot`), so a node that keeps appending
+and signing checkpoints while the audit runs never looks truncated.
+
 Former log keys (after a ``key_rotated``) and separate witness keys are extra arguments.
 
 With ``peers=True`` a caller-supplied function (:data:`FetchPeerCheckpoint`) asks each
@@ -47,7 +53,6 @@ from cleanroom.ledger import (
     LedgerStore,
     NoteVerifier,
     Problem,
-    ProblemKind,
     VerificationError,
     VerifyReport,
     verify_store,
@@ -64,7 +69,6 @@ from cleanroom.node.config import NodeConfig, PeerConfig
 from cleanroom.node.identity import NodeIdentity, ed25519_public_key, load_cert_pem
 
 ORIGIN_PREFIX = "cleanroom/"
-LIVE_RETRIES = 3
 
 
 class AuditError(CleanroomError):
@@ -364,15 +368,15 @@ def open_readonly(database_url: str) -> Engine:
 
 
 def open_store(engine: Engine, label: str) -> LedgerStore:
-    """The ledger store on ``engine``; a clear error if the ledger tables are missing."""
+    """The ledger store on ``engine``, read-only (no pragma, no DDL: a copy that is not in
+    WAL mode opens too); a clear error if the ledger tables are missing."""
     try:
         if not inspect(engine).has_table("ledger_entry"):
             raise AuditError(f"{label}: no audit ledger in this database (table ledger_entry "
                              "is missing: the node has not recorded any ledger entry yet)")
-        return LedgerStore(engine, create=False)
+        return LedgerStore(engine, read_only=True)
     except OperationalError as exc:
-        raise AuditError(f"{label}: cannot read the database read-only ({exc.orig}); a node "
-                         "ledger database is always in WAL mode") from None
+        raise AuditError(f"{label}: cannot read the database read-only ({exc.orig})") from None
 
 
 # --- peer checks --------------------------------------------------------------------------------
@@ -501,45 +505,36 @@ def verify_node(
                     known.append(witnessed)
         extra_log = list(log_keys)
         wkeys = [pk.witness_key for pk in keys.peers] + list(witness_keys)
-        for _attempt in range(LIVE_RETRIES):
-            report = verify_store(store, keys.origin, [keys.log_key, *extra_log], wkeys,
+        # Everything local is read from one snapshot, taken after the peers answered: a
+        # checkpoint of ours a peer showed was signed over entries stored before it, so
+        # the snapshot holds them, and one a running node signs now is not in it.
+        with store.snapshot() as snap:
+            report = verify_store(snap, keys.origin, [keys.log_key, *extra_log], wkeys,
                                   known_checkpoints=known, deep=deep)
-            if not _grew_while_reading(report, store):
-                break
-        if known:
-            tree = _own_tree(store)
-            peer_results = [_compare_our_log(r, tree, [keys.log_key, *extra_log], keys.origin,
-                                             known) for r in peer_results]
-        latest = store.latest_checkpoint()
-        result = AuditResult(
-            node_name=config.name,
-            origin=keys.origin,
-            database=label,
-            report=report,
-            peers_checked=peers,
-            peers=peer_results,
-            latest_checkpoint=None if latest is None else CheckpointInfo(
-                latest.size, latest.root_hash.hex(), latest.created_ms),
-            witnesses=_witnesses(store, keys, wkeys),
-            cosigned_peers=[CosignedPeer(s.peer, s.peer_origin, s.size, s.root_hash.hex(),
-                                         s.cosigned_ms) for s in store.peer_states()],
-        )
+            if known:
+                tree = _own_tree(snap)
+                peer_results = [_compare_our_log(r, tree, [keys.log_key, *extra_log],
+                                                 keys.origin, known) for r in peer_results]
+            latest = snap.latest_checkpoint()
+            result = AuditResult(
+                node_name=config.name,
+                origin=keys.origin,
+                database=label,
+                report=report,
+                peers_checked=peers,
+                peers=peer_results,
+                latest_checkpoint=None if latest is None else CheckpointInfo(
+                    latest.size, latest.root_hash.hex(), latest.created_ms),
+                witnesses=_witnesses(snap, keys, wkeys),
+                cosigned_peers=[CosignedPeer(s.peer, s.peer_origin, s.size, s.root_hash.hex(),
+                                             s.cosigned_ms) for s in snap.peer_states()],
+            )
     except SQLAlchemyError as exc:
         raise AuditError(f"{label}: cannot read the ledger: {exc.__class__.__name__}: "
                          f"{getattr(exc, 'orig', exc)}") from None
     finally:
         engine.dispose()
     return result
-
-
-def _grew_while_reading(report: VerifyReport, store: LedgerStore) -> bool:
-    """A running node may append and sign a checkpoint between the verifier's reads of
-    entries and of checkpoints; the newer checkpoint then looks like a truncation. True
-    when that is the only explanation offered (so the caller verifies again)."""
-    if not report.problems or any(p.kind is not ProblemKind.TRUNCATED
-                                  for p in report.problems):
-        return False
-    return store.count() > report.size
 
 
 def _compare_our_log(

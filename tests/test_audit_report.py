@@ -23,7 +23,7 @@ from audits.charts import fmt_bytes
 from audits.report import build_report, load_entries, parse_time, report_for_node
 from audits.stats import collect
 from cleanroom.errors import InputError
-from cleanroom.ledger import Entry, Ledger, LedgerStore
+from cleanroom.ledger import Entry, Event, Ledger, LedgerStore, digest, event
 
 FORBIDDEN = ("http://", "https://", "<script", "<link", "<iframe", "<object", "<embed",
              "<img", "javascript:")
@@ -101,6 +101,86 @@ def test_budget_within_limit_and_window(tmp_path: Path) -> None:
     assert st.budgets["media"].max_window_milli() == 500 and not st.budgets["media"].over_limit
     html = build_report(entries, node_name="oem", budgets={"media": (0.6, 1.0)})
     assert "within budget" in html and "over budget" not in html
+
+
+def _stored(tmp_path: Path, events: list[Event]) -> list[Entry]:
+    """``events`` appended to a real ledger and read back as the report reads them."""
+    led = Ledger(create_engine(f"sqlite:///{tmp_path / 'budget.db'}"), "cleanroom/oem",
+                 Ed25519PrivateKey.generate())
+    led.append_many(events)
+    entries, bad = load_entries(LedgerStore(led.store.engine, read_only=True))
+    assert bad == []
+    led.store.engine.dispose()
+    return entries
+
+
+def _query(qid: str, requester: str, counterparties: list[str], ts: int,
+           *decisions: Event) -> list[Event]:
+    return [event("query_proposed", ts_ms=ts, query_id=qid, query_type="segment_stats",
+                  requester=requester, counterparties=counterparties, purpose="lead_grading",
+                  spec_digest=digest(qid.encode())), *decisions]
+
+
+def _decision(qid: str, ts: int, party: str, outcome: str = "approved", **kw: object) -> Event:
+    return event("policy_decision", ts_ms=ts, query_id=qid, party=party, decision=outcome,
+                 rule_id="partners.rule" if outcome == "denied" else "all_rules_passed", **kw)
+
+
+def _result(qid: str, ts: int, receiver: str, eps: int, **kw: object) -> Event:
+    return event("result_delivered", ts_ms=ts, query_id=qid, receiver=receiver,
+                 digest=digest(qid.encode() + b"/r"), rows=4, epsilon_milli=eps, **kw)
+
+
+def test_budget_charged_to_and_reserved_epsilon(tmp_path: Path) -> None:
+    """``charged_to`` says whose budget a result is charged to (not the receiver's when
+    media asks for a result sent to dealer); ``policy_decision.epsilon_milli`` is listed
+    as reserved while the query runs. Without the fields the old assumption holds."""
+    evs = [
+        # media asks us, the result goes to dealer: charged to media (result's charged_to)
+        *_query("q-a", "media", ["oem"], T0, _decision("q-a", T0 + 1, "oem", peer="media",
+                epsilon_milli=300, charged_to="media")),
+        _result("q-a", T0 + 2, "dealer", 300, charged_to="media"),
+        # same, but only the decision names the payer: the result follows it
+        *_query("q-b", "media", ["oem"], T0 + DAY, _decision("q-b", T0 + DAY + 1, "oem",
+                epsilon_milli=200, charged_to="media")),
+        _result("q-b", T0 + DAY + 2, "dealer", 200),
+        # an old-style pair (no new fields): charged to the receiver, as before
+        *_query("q-c", "dealer", ["oem"], T0 + DAY, _decision("q-c", T0 + DAY + 5, "oem")),
+        _result("q-c", T0 + DAY + 6, "dealer", 50),
+        # our own query to media and dealer, result to dealer, charged to us: it is budget
+        # we spent at both partners, not a charge to dealer
+        *_query("q-d", "oem", ["media", "dealer"], T0 + 2 * DAY,
+                _decision("q-d", T0 + 2 * DAY + 1, "media", epsilon_milli=100,
+                          charged_to="oem"),
+                _decision("q-d", T0 + 2 * DAY + 1, "dealer", epsilon_milli=100)),
+        _result("q-d", T0 + 2 * DAY + 2, "dealer", 100, charged_to="oem"),
+        # approved and still running at the end of the period: reserved, not charged
+        *_query("q-e", "media", ["oem"], T0 + 3 * DAY, _decision("q-e", T0 + 3 * DAY + 1,
+                "oem", epsilon_milli=400, charged_to="media")),
+        *_query("q-f", "oem", ["media"], T0 + 3 * DAY, _decision("q-f", T0 + 3 * DAY + 1,
+                "media", epsilon_milli=150)),
+        # denied, and failed: nothing reserved, nothing charged
+        *_query("q-g", "media", ["oem"], T0 + 3 * DAY, _decision("q-g", T0 + 3 * DAY + 1,
+                "oem", "denied", epsilon_milli=900, charged_to="media")),
+        *_query("q-h", "media", ["oem"], T0 + 3 * DAY, _decision("q-h", T0 + 3 * DAY + 1,
+                "oem", epsilon_milli=700, charged_to="media")),
+        event("query_failed", ts_ms=T0 + 3 * DAY + 2, query_id="q-h", error_code="timeout"),
+    ]
+    st = collect(_stored(tmp_path, evs), self_names={"oem"}, budgets={"media": (0.6, 30.0)})
+    media, dealer = st.budgets["media"], st.budgets["dealer"]
+    assert (media.epsilon_milli, media.results, media.charges) == (
+        500, 2, [(T0 + 2, 300), (T0 + DAY + 2, 200)])
+    assert (dealer.epsilon_milli, dealer.results) == (50, 1)  # q-c only
+    assert (media.reserved_milli, media.reserved_queries) == (400, 1)
+    assert (dealer.reserved_milli, dealer.reserved_queries) == (0, 0)
+    assert {p: (b.epsilon_milli, b.reserved_milli) for p, b in st.budgets_self.items()} == {
+        "media": (100, 150), "dealer": (100, 0)}
+    assert media.max_window_milli() == 500 and not media.over_limit  # 0.5 <= 0.6
+    q = st.queries
+    assert (q["q-d"].epsilon_requested_milli, q["q-d"].charged_to) == (100, "oem")
+    assert q["q-c"].epsilon_requested_milli is None and q["q-c"].charged_to is None
+    assert (q["q-g"].outcome, q["q-h"].outcome, q["q-e"].outcome) == (
+        "denied", "failed", "approved")
 
 
 HOSTILE = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'

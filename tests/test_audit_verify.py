@@ -9,7 +9,10 @@ directories, read directly by the fetch function (the HTTP transport plugs in la
 
 from __future__ import annotations
 
+import os
 import shutil
+import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,6 +282,43 @@ def test_verify_opens_the_database_read_only(
     assert (led.size, db.stat().st_size) == before
 
 
+def test_verify_reads_a_read_only_copy_not_in_wal_mode(
+    oem_with_ledger: tuple[Path, Ledger, Scenario],
+) -> None:
+    """A reviewer's copy of the database: read-only and in rollback-journal mode (as a
+    backup or `sqlite3 .backup` leaves it). Verify and the report need no write at all."""
+    from audits.report import report_for_node
+
+    d, led, sc = oem_with_ledger
+    led.store.engine.dispose()
+    db = Path(NodeConfig.load(d).database_url.removeprefix("sqlite:///"))
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+    con.close()
+    os.chmod(db, 0o444)
+    res = verify_node(d)
+    assert res.ok, res.summary()
+    assert res.report.size == len(sc.events) and res.report.checkpoints_checked == 2
+    html, _audit = report_for_node(d)
+    assert "Ledger integrity verified" in html
+    con = sqlite3.connect(db)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+    assert not db.with_name(db.name + "-wal").exists()
+    # tampering in such a copy is still named by index
+    os.chmod(db, 0o644)
+    con = sqlite3.connect(db)
+    body = con.execute("SELECT body FROM ledger_entry WHERE idx=4").fetchone()[0]
+    with con:
+        con.execute("UPDATE ledger_entry SET body=? WHERE idx=4",
+                    (body.replace(b'"ts":', b'"ts":3'),))
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    con.close()
+    os.chmod(db, 0o444)
+    first = verify_node(d).first_problem
+    assert first is not None and (first.kind, first.index) == (ProblemKind.EDITED, 4)
+
+
 def test_edited_entry_names_the_first_bad_index(
     oem_with_ledger: tuple[Path, Ledger, Scenario],
 ) -> None:
@@ -533,3 +573,81 @@ def test_transport_fetcher_names_a_peer_without_ledger_endpoints(
     req = PeerLedgerRequest(cfg.peer("media"), "cleanroom/media", 0, "cleanroom/oem")
     with pytest.raises(PeerLedgerError, match="peer media does not serve ledger checkpoints"):
         fetch(req)
+
+
+def test_verify_while_the_node_appends_checkpoints_and_is_witnessed(nodes: Path) -> None:
+    """A running node keeps appending, signing checkpoints and exchanging cosignatures
+    with media while the audit runs again and again: never a false truncation, and the
+    peer's record of our log always matches (the audit reads one snapshot)."""
+    oem, media = node_ledger(nodes / "oem"), node_ledger(nodes / "media")
+    oem.append_many(_msgs(6, "media"))
+    media.append_many(_msgs(5, "oem"))
+    _witness_each_other(oem, media)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    rounds = [0]
+
+    def node() -> None:
+        try:
+            while not stop.is_set():
+                oem.append_many(_msgs(2, "media", 10 + 2 * rounds[0]))
+                oem.checkpoint()
+                rounds[0] += 1
+                if rounds[0] % 3 == 0:
+                    _witness_each_other(oem, media)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+
+    fetch, _asked = ledger_fetcher({"media": media})
+    t = threading.Thread(target=node, daemon=True)
+    t.start()
+    audits = 0
+    try:
+        while (audits < 12 or rounds[0] < 12) and audits < 200 and not errors:
+            res = verify_node(nodes / "oem", peers=True, fetch_peer_checkpoint=fetch)
+            assert res.report.ok, res.summary()
+            media_res = next(p for p in res.peers if p.peer == "media")
+            assert media_res.ok and media_res.our_log == "matches", media_res
+            audits += 1
+    finally:
+        stop.set()
+        t.join(30)
+    assert not errors, errors
+    assert rounds[0] >= 12 and oem.verify(witness_keys=[media.witness_verifier]).ok
+
+
+def test_writes_between_the_audits_reads_are_not_seen(
+    nodes: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deterministic form of the race above: each time the audit's read-only engine is
+    about to read the checkpoint table (after it read every entry), the node appends,
+    signs a checkpoint and exchanges cosignatures with media. The audit must report the
+    state it started reading, with no truncation."""
+    from sqlalchemy import event as sa_event
+    from sqlalchemy.engine import Engine
+
+    oem, media = node_ledger(nodes / "oem"), node_ledger(nodes / "media")
+    oem.append_many(_msgs(6, "media"))
+    media.append_many(_msgs(5, "oem"))
+    _witness_each_other(oem, media)
+    fired = [0]
+
+    def between(conn: Any, _cursor: Any, statement: str, *_a: Any) -> None:
+        if "mode=ro" in str(conn.engine.url) and "FROM ledger_checkpoint" in statement:
+            fired[0] += 1
+            oem.append_many(_msgs(3, "media", 100 + 3 * fired[0]))
+            _witness_each_other(oem, media)
+
+    sa_event.listen(Engine, "before_cursor_execute", between)
+    try:
+        fetch, _asked = ledger_fetcher({"media": media})
+        for _ in range(3):
+            size = oem.size
+            res = verify_node(nodes / "oem", peers=True, fetch_peer_checkpoint=fetch)
+            assert res.report.ok, res.summary()
+            assert res.report.size == size and fired[0] > 0
+            media_res = next(p for p in res.peers if p.peer == "media")
+            assert media_res.ok and media_res.our_log == "matches", media_res
+    finally:
+        sa_event.remove(Engine, "before_cursor_execute", between)
+    assert oem.size > size and oem.verify(witness_keys=[media.witness_verifier]).ok

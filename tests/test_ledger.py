@@ -150,6 +150,15 @@ def test_every_event_type_is_covered_by_the_full_run() -> None:
         ("query_proposed", {"query_id": "q-1", "query_type": "match", "requester": "oem",
                             "counterparties": ["media", "media"], "purpose": "x",
                             "spec_digest": digest(b"s")}, "counterparties"),
+        ("policy_decision", {"query_id": "q-1", "party": "media", "decision": "approved",
+                             "rule_id": "r1", "epsilon_milli": 0.5}, "epsilon_milli"),
+        ("policy_decision", {"query_id": "q-1", "party": "media", "decision": "approved",
+                             "rule_id": "r1", "epsilon_milli": -1}, "epsilon_milli"),
+        ("policy_decision", {"query_id": "q-1", "party": "media", "decision": "approved",
+                             "rule_id": "r1", "charged_to": "a@b.com"}, "charged_to"),
+        ("result_delivered", {"query_id": "q-1", "receiver": "oem", "digest": digest(b"r"),
+                              "rows": 3, "epsilon_milli": 250, "charged_to": "oem dealer"},
+         "charged_to"),
     ],
 )
 def test_schema_rejects_with_named_field(etype: str, fields: dict[str, object],
@@ -158,6 +167,33 @@ def test_schema_rejects_with_named_field(etype: str, fields: dict[str, object],
         Event(etype, fields)
     assert exc.value.field == field and exc.value.event_type == etype
     assert field in str(exc.value) and etype in str(exc.value)
+
+
+def test_budget_fields_are_optional_and_keep_schema_version_1() -> None:
+    """policy_decision.epsilon_milli/charged_to and result_delivered.charged_to were added
+    as optional fields: entries written before them still decode, and entries using them
+    are version 1 too."""
+    from cleanroom.ledger import SCHEMA_VERSION
+    from cleanroom.ledger.entries import encode_entry
+
+    assert SCHEMA_VERSION == 1
+    d = digest(b"r")
+    old = (b'{"decision":"approved","party":"media","query_id":"q-1","rule_id":"r1",'
+           b'"seq":4,"ts":17,"type":"policy_decision","v":1}')
+    assert decode_entry(old).fields == {"decision": "approved", "party": "media",
+                                        "query_id": "q-1", "rule_id": "r1"}
+    old_result = ('{"digest":"' + d + '","epsilon_milli":500,"query_id":"q-1","receiver":'
+                  '"oem","rows":3,"seq":5,"ts":18,"type":"result_delivered","v":1}').encode()
+    assert "charged_to" not in decode_entry(old_result).fields
+    for ev in (event("policy_decision", query_id="q-1", party="oem", decision="approved",
+                     rule_id="r1", epsilon_milli=250, charged_to="media"),
+               event("result_delivered", query_id="q-1", receiver="dealer", digest=d, rows=3,
+                     epsilon_milli=250, charged_to="media")):
+        body = encode_entry(ev, 0, 1)
+        assert json.loads(body)["v"] == 1
+        e = decode_entry(body)
+        assert (e.fields["epsilon_milli"], e.fields["charged_to"]) == (250, "media")
+        assert "media" in e.parties()  # a peer filter on media finds the charge
 
 
 def test_unknown_event_type_rejected() -> None:

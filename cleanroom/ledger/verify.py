@@ -19,7 +19,8 @@ RFC 6962 tree from the entry bytes alone, and checks:
 
 It also lists the ``witness_alarm`` entries (alarms this node raised about peers).
 Crypto-level checks are opaque (:class:`~cleanroom.ledger.errors.VerificationError`);
-this module turns them into named problems. It reads the store and never writes.
+this module turns them into named problems. It reads the store, all of it in one
+consistent snapshot, and never writes.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from cleanroom.ledger.note import (
     open_checkpoint,
     verify_cosignature,
 )
-from cleanroom.ledger.store import LedgerStore
+from cleanroom.ledger.store import LedgerSnapshot, LedgerStore
 
 
 class ProblemKind(StrEnum):
@@ -180,7 +181,26 @@ def verify_store(
     ``witness_keys``: trusted type-0x04 keys of the peers that cosign this log.
     ``known_checkpoints``: signed checkpoints of this log obtained elsewhere (e.g. each
     peer's record of the last one it cosigned); they are anchors like stored ones.
+
+    Entries, checkpoints and cosignatures are read in one snapshot
+    (:meth:`LedgerStore.snapshot`), so a checkpoint the node signs while this runs is
+    not mistaken for a truncation. Pass a :class:`LedgerSnapshot` to verify inside a
+    snapshot the caller holds (e.g. to read more from the same state afterwards).
     """
+    with store.snapshot() as snap:
+        return _verify(snap, origin, log_keys, witness_keys,
+                       known_checkpoints=known_checkpoints, deep=deep)
+
+
+def _verify(
+    store: LedgerSnapshot,
+    origin: str,
+    log_keys: Sequence[NoteVerifier],
+    witness_keys: Sequence[NoteVerifier],
+    *,
+    known_checkpoints: Iterable[bytes],
+    deep: bool,
+) -> VerifyReport:
     problems: list[Problem] = []
     leaf = bytearray()
     seqs = array("q")
