@@ -31,7 +31,10 @@ def bind_listen(host: str, port: int, *, config_path: Path | None = None) -> soc
     """Bind and listen on ``host:port`` or raise :class:`CleanroomError` naming it."""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted connections only when
+    # the listening socket says it is TCP; with protocol 0 every small reply waited ~40 ms
+    # for the client's delayed ACK (Nagle).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
