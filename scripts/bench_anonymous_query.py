@@ -14,10 +14,17 @@ Named sections, selectable with ``--sections`` (default: every in-process sectio
   to curve + 2 X25519 + KDF + lookup), and end-to-end leads/s with both parties sharing
   ``--processes`` worker processes.
 
-The over-TLS latency measurement with 1, 8 and 32 concurrent clients against a node needs
-the node endpoints for the anonymous query; it is not in this script yet.
+- ``tls`` (not in the default set): a media node as a real process serving a
+  ``--tls-keys`` table over mutual TLS on loopback (the table is built once and cached
+  under ``--workdir``; identifiers are synthetic), then real-time lookup latency p50/p99
+  and lookups/s with 1, 8 and 32 concurrent clients (``--clients``; each client a closed
+  loop of one-identifier sessions with its own keep-alive connection, clients spread over
+  ``--client-processes`` processes), the Little's-law check (concurrency = throughput x
+  mean latency), and batch-mode leads/s (table download once, then evaluation sessions of
+  ``--batch`` leads with blinding/unblinding in ``--processes`` worker processes).
 
-Usage: ``python scripts/bench_anonymous_query.py [--keys 100000] [--sections build,batch]``.
+Usage: ``python scripts/bench_anonymous_query.py [--keys 100000] [--sections build,batch]``;
+``python scripts/bench_anonymous_query.py --sections tls --tls-keys 1000000 --workdir DIR``.
 Prints figures and ratios; it asserts nothing about time.
 """
 
@@ -29,6 +36,8 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
 
 from protocols.labeled_psi import AnonymousQuerier, AnonymousQueryOwner, OwnerTable, Table, oprf
 from protocols.psi import ecdh
@@ -209,10 +218,173 @@ def section_batch(args: argparse.Namespace, state: dict[str, object]) -> None:
           f"would reach about {args.processes * n / q_time:,.0f} leads/s")
 
 
+# --- tls: a real node over loopback TLS -------------------------------------------------
+
+TLS_TABLE = "bench"
+
+
+def _tls_item(i: int) -> bytes:
+    return b"\x01+86139%08d" % i
+
+
+def _tls_nodes(workdir: Path) -> tuple[Any, Path]:
+    """The media node (created once under ``workdir``) and the OEM node directory."""
+    from cleanroom.node.admin import add_peer
+    from cleanroom.node.context import NodeContext
+    from cleanroom.node.launcher import NodeProcess, make_node
+
+    nodes = workdir / "nodes"
+    media_dir, oem_dir = nodes / "media", nodes / "oem"
+    if not media_dir.exists():
+        nodes.mkdir(parents=True, exist_ok=True)
+        media = make_node(nodes, "media", "media")
+        oem = make_node(nodes, "oem", "oem")
+        add_peer(media.dir, name="oem", url=oem.url, cert_file=oem.cert_path, party="oem")
+        add_peer(oem.dir, name="media", url=media.url, cert_file=media.cert_path,
+                 party="media")
+        policy = media.dir / "policy.toml"
+        policy.write_text(policy.read_text().replace(
+            "rate_limit = { max_queries = 500, per_hours = 24 }",
+            "rate_limit = { max_queries = 1000000000, per_hours = 24 }", 1))
+    cfg = NodeContext.open(media_dir).config
+    return NodeProcess(name="media", party="media", dir=media_dir,
+                       port=cfg.listen_port), oem_dir
+
+
+def _tls_table(args: argparse.Namespace, media_dir: Path) -> None:
+    from cleanroom.anonq import tables
+
+    folder = tables.table_dir(media_dir / "data", TLS_TABLE)
+    if (folder / tables.META_FILE).is_file():
+        meta = tables.read_meta(folder)
+        if meta.entry_count == args.tls_keys:
+            print(f"[tls] reusing the cached {meta.entry_count:,}-key table in {folder}")
+            return
+    users = {f"u{i}": ((_tls_item(i),), os.urandom(56)) for i in range(args.tls_keys)}
+    t = time.perf_counter()
+    report = tables.publish(media_dir / "data", TLS_TABLE, users, label_size=56,
+                            min_bucket_size=args.min_bucket, evaluation_budget=1 << 40,
+                            rebuild=True, processes=args.processes)
+    dt = time.perf_counter() - t
+    print(f"[tls] built and stored {report.entries:,} keys in {dt:.1f} s "
+          f"({report.entries / dt:,.0f} keys/s with {args.processes} processes), "
+          f"{report.buckets:,} buckets, smallest {report.min_bucket}")
+
+
+def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: float,
+                min_anon: int, seed: int) -> list[float]:
+    """One load-generator process: ``threads`` closed-loop clients; latencies in s."""
+    import random
+    import threading
+
+    from cleanroom.anonq.client import lookup_realtime
+    from cleanroom.node.context import NodeContext
+
+    ctx = NodeContext.open(Path(oem_dir), init_database=False)
+    out: list[float] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+
+    def client(k: int) -> None:
+        rnd = random.Random(seed * 1000 + k)
+        mine: list[float] = []
+        with ctx.peer_client("media", retries=0) as pc:
+            while True:
+                t0 = time.perf_counter()
+                if t0 - start > warmup + seconds:
+                    break
+                got = lookup_realtime(ctx, "media", TLS_TABLE, [_tls_item(rnd.randrange(keys))],
+                                      min_anonymity=min_anon, client=pc)
+                t1 = time.perf_counter()
+                assert len(got) == 1
+                if t0 - start >= warmup and t1 - start <= warmup + seconds:
+                    mine.append(t1 - t0)
+        with lock:
+            out.extend(mine)
+
+    workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return out
+
+
+def _tls_batch_chunk(ids: list[bytes]) -> int:
+    return len(ids)
+
+
+def section_tls(args: argparse.Namespace, state: dict[str, object]) -> None:
+    import multiprocessing
+
+    from cleanroom.anonq.client import lookup_batch, sync_table
+    from cleanroom.node.context import NodeContext
+
+    workdir = Path(args.workdir)
+    media, oem_dir = _tls_nodes(workdir)
+    _tls_table(args, media.dir)
+    t = time.perf_counter()
+    media.start(timeout=600)
+    print(f"[tls] media node up in {time.perf_counter() - t:.1f} s (loads the table), "
+          f"{media.url}")
+    try:
+        ctx = NodeContext.open(oem_dir)
+        info = _tls_info(ctx)
+        min_anon = min(args.min_bucket, int(info["min_bucket_size"]))
+        print(f"[tls] table: {info['entry_count']:,} keys, {info['bucket_count']:,} buckets "
+              f"(min size {info['min_bucket_size']}), label {info['label_size']} B")
+        mp = multiprocessing.get_context("spawn")
+        for conc in [int(c) for c in args.clients.split(",") if c]:
+            procs = max(1, min(args.client_processes, conc))
+            per = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
+            with ProcessPoolExecutor(procs, mp_context=mp) as pool:
+                futs = [pool.submit(_tls_worker, str(oem_dir), args.tls_keys, n,
+                                    args.tls_seconds, args.tls_warmup, min_anon, i)
+                        for i, n in enumerate(per)]
+                lat = sorted(x for f in futs for x in f.result())
+            if not lat:
+                print(f"[tls] {conc:>2} clients: no lookup finished in the window")
+                continue
+            rate = len(lat) / args.tls_seconds
+            mean = statistics.fmean(lat)
+            p50 = statistics.median(lat) * 1e3
+            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
+            print(f"[tls] {conc:>2} clients ({procs} processes): {rate:,.0f} lookups/s, "
+                  f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean {mean * 1e3:.1f} ms; "
+                  f"Little: throughput x mean latency = {rate * mean:.1f} "
+                  f"(concurrency {conc})")
+        n = args.tls_batch_leads
+        leads = [_tls_item((i * 7919) % args.tls_keys) for i in range(n)]
+        t = time.perf_counter()
+        local = sync_table(ctx, "media", TLS_TABLE)
+        dt_dl = time.perf_counter() - t
+        size = len(local.to_bytes())
+        print(f"[tls] batch: table download {size / 1e6:,.0f} MB in {dt_dl:.1f} s "
+              f"({size / 1e6 / dt_dl:,.0f} MB/s; once per table version, deltas after)")
+        with ProcessPoolExecutor(args.processes, mp_context=mp) as pool:
+            list(pool.map(_tls_batch_chunk, [[b"x"]] * args.processes))
+            t = time.perf_counter()
+            got = lookup_batch(ctx, "media", TLS_TABLE, leads, chunk=args.batch, local=local,
+                               executor=pool)
+            dt = time.perf_counter() - t
+        print(f"[tls] batch: {n:,} leads in {dt:.2f} s = {n / dt:,.0f} leads/s over TLS "
+              f"({len(got):,} matched; sessions of {args.batch}, {args.processes} worker "
+              f"processes for the querier, the node evaluating in threads)")
+    finally:
+        media.stop()
+
+
+def _tls_info(ctx: Any) -> dict[str, Any]:
+    from cleanroom.anonq.client import table_info
+
+    return table_info(ctx, "media", TLS_TABLE)
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, dict[str, object]], None]] = {
     "build": section_build,
     "lookup": section_lookup,
     "batch": section_batch,
+    "tls": section_tls,
 }
 DEFAULT_SECTIONS = "build,lookup,batch"
 
@@ -227,6 +399,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lookups", type=int, default=300, help="real-time sessions to time")
     p.add_argument("--leads", type=int, default=40_000, help="leads for the batch section")
     p.add_argument("--batch", type=int, default=2000, help="leads per batch session")
+    p.add_argument("--workdir", default="bench-anonq", help="tls: node dirs and cached table")
+    p.add_argument("--tls-keys", type=int, default=10_000_000, help="tls: table size in keys")
+    p.add_argument("--clients", default="1,8,32", help="tls: concurrency levels")
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="tls: load-generator processes (clients are threads in them)")
+    p.add_argument("--tls-seconds", type=float, default=10.0, help="tls: window per level")
+    p.add_argument("--tls-warmup", type=float, default=2.0, help="tls: warm-up per level")
+    p.add_argument("--tls-batch-leads", type=int, default=100_000, help="tls: batch leads")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]

@@ -50,6 +50,7 @@ ROUTER_MODULES: tuple[str, ...] = (
     "cleanroom.node.api_datasets",
     "cleanroom.node.api_ledger",
     "cleanroom.queries.api",
+    "cleanroom.anonq.api",
 )
 
 log = logging.getLogger("cleanroom.node")

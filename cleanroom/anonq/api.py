@@ -1,0 +1,593 @@
+"""The node's anonymous-query endpoints (registered in ``cleanroom.node.app.ROUTER_MODULES``).
+
+Peer endpoints (pinned peers over mutual TLS; policy checked per request, see
+:mod:`cleanroom.anonq.guard`)::
+
+    GET  /v1/peer/public/{dataset}?columns=a,b      public columns as an Arrow IPC stream
+    GET  /v1/peer/anonq/tables/{name}               table info (id, version, sizes, budget)
+    POST /v1/peer/anonq/tables/{name}/eval          EVAL_REQUEST -> EVAL_RESPONSE
+    POST /v1/peer/anonq/tables/{name}/buckets       BUCKET_REQUEST -> BUCKET_RESPONSE
+    GET  /v1/peer/anonq/tables/{name}/download?message=<TABLE_REQUEST, base64url>
+                                                    -> TABLE_RESPONSE (streamed)
+
+Bodies are the protocol's bytes (:mod:`protocols.labeled_psi.messages`). A malformed,
+truncated, oversized, replayed or wrong-round message gets the 4xx its
+:class:`~protocols.errors.RemoteProtocolError` hints; policy refusals name the rule.
+A real-time session's owner object waits (at most ``SESSION_TTL`` seconds) between its
+EVAL and BUCKET requests. Every session is recorded in this node's ledger (digests and
+sizes only). Evaluation runs in worker threads (X25519 releases the GIL), split in two
+for large requests.
+
+Operator endpoints::
+
+    GET  /v1/anonq/tables                           published tables (metadata)
+    POST /v1/anonq/tables/{name}/publish            build or update a table from datasets
+    POST /v1/anonq/store-recommendations            run the querier pipeline (OEM)
+
+Test hook: if the environment variable ``CLEANROOM_ANONQ_TRANSCRIPT`` names a directory
+when the node starts, every request body received on the anonymous-query peer endpoints
+is appended to ``received.bin`` there (length-prefixed). It exists for transcript tests
+only; never set it in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from cleanroom.anonq import QUERY_HEADER, guard, tables
+from cleanroom.errors import CleanroomError, InputError
+from cleanroom.ledger import Event, digest
+from cleanroom.node.config import PeerConfig
+from cleanroom.node.context import NodeContext
+from cleanroom.node.deps import (
+    REQUEST_ID_KEY,
+    CurrentPeer,
+    NodeContextDep,
+    OperatorAuth,
+    body_limit,
+)
+from protocols.errors import RemoteProtocolError
+from protocols.labeled_psi import AnonymousQueryOwner, Mode, oprf
+from protocols.labeled_psi.messages import (
+    MAGIC,
+    VERSION,
+    BucketRequest,
+    EvalRequest,
+    MsgType,
+    TableRequest,
+    decode,
+)
+from protocols.psi.messages import HEADER, NO_BUCKET
+
+log = logging.getLogger("cleanroom.anonq")
+
+MAX_POINTS = 1 << 16
+EVAL_BODY_LIMIT = HEADER.size + 8 + 32 * MAX_POINTS
+BUCKET_BODY_LIMIT = HEADER.size + 8 + 4 * 4096
+SMALL_BODY_LIMIT = 4096
+SESSION_TTL = 120.0
+SWEEP_SECONDS = 10.0
+MAX_OPEN_SESSIONS = 20_000
+PARALLEL_EVAL_MIN = 2048
+STREAM_CHUNK = 1 << 20
+TRANSCRIPT_ENV = "CLEANROOM_ANONQ_TRANSCRIPT"
+OCTET = "application/octet-stream"
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+
+@dataclass
+class _Session:
+    role: AnonymousQueryOwner
+    query_id: str
+    label: str
+    table: str
+    created: float
+    bytes_in: int
+    bytes_out: int
+    pending: list[Event]
+
+
+@dataclass
+class _State:
+    ctx: NodeContext
+    recorder: guard.SessionRecorder
+    sources: dict[str, tables.ServingSource] = field(default_factory=dict)
+    limiter: guard.RateLimiter = field(default_factory=guard.RateLimiter)
+    budgets: guard.Budgets = field(default_factory=guard.Budgets)
+    sessions: dict[tuple[str, bytes], _Session] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    publish_lock: threading.Lock = field(default_factory=threading.Lock)
+    transcript: Path | None = None
+    swept: float = 0.0
+
+    def source(self, name: str) -> tables.ServingSource:
+        src = self.sources.get(name)
+        if src is None:
+            raise HTTPException(404, f"no published table named {name!r} on this node")
+        return src
+
+    def reload(self, name: str) -> None:
+        src = tables.load_serving(self.ctx.data_dir, name)
+        with self.lock:
+            self.sources[name] = src
+
+    def put_session(self, peer: str, sid: bytes, session: _Session) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.swept > SWEEP_SECONDS or len(self.sessions) >= MAX_OPEN_SESSIONS:
+                self._sweep(now)
+            if len(self.sessions) >= MAX_OPEN_SESSIONS:
+                raise guard.Refused(429, "busy", "anonq.open_sessions",
+                                    "too many open real-time sessions")
+            if (peer, sid) in self.sessions:
+                raise RemoteProtocolError("this session id is already in use", status_hint=409)
+            self.sessions[(peer, sid)] = session
+
+    def _sweep(self, now: float) -> None:
+        """Drop real-time sessions whose bucket request never came; record them cancelled."""
+        self.swept = now
+        events: list[Event] = []
+        for key in [k for k, s in self.sessions.items() if now - s.created > SESSION_TTL]:
+            s = self.sessions.pop(key)
+            events.extend(s.pending)
+            events.append(guard.ended(s.query_id, s.label, key[0], "cancelled", received=1,
+                                      sent=1, bytes_received=s.bytes_in,
+                                      bytes_sent=s.bytes_out))
+        if events:
+            self.recorder.submit(events)
+
+    def take_session(self, peer: str, sid: bytes) -> _Session | None:
+        with self.lock:
+            s = self.sessions.pop((peer, sid), None)
+        if s is not None and time.monotonic() - s.created > SESSION_TTL:
+            return None
+        return s
+
+    def capture(self, endpoint: str, body: bytes) -> None:
+        if self.transcript is None:
+            return
+        name = endpoint.encode()
+        with self.lock, (self.transcript / "received.bin").open("ab") as f:
+            f.write(struct.pack(">BI", len(name), len(body)) + name + body)
+
+
+_states: dict[int, _State] = {}
+
+
+def state_of(ctx: NodeContext) -> _State:
+    st = _states.get(id(ctx))
+    if st is None:
+        raise HTTPException(503, "the anonymous-query service is not running")
+    return st
+
+
+async def on_startup(ctx: NodeContext) -> None:
+    st = _State(ctx=ctx, recorder=guard.SessionRecorder(ctx))
+    hook = os.environ.get(TRANSCRIPT_ENV)
+    if hook:
+        st.transcript = Path(hook)
+        st.transcript.mkdir(parents=True, exist_ok=True)
+        log.warning("%s is set: request bodies are captured for tests", TRANSCRIPT_ENV)
+    _states[id(ctx)] = st
+    for name in tables.published_tables(ctx.data_dir):
+        try:
+            await asyncio.to_thread(st.reload, name)
+            log.info("anonymous-query table %s loaded (version %d)", name,
+                     st.sources[name].version)
+        except CleanroomError as exc:
+            log.error("anonymous-query table %s not served: %s", name, exc)
+
+
+async def on_shutdown(ctx: NodeContext) -> None:
+    st = _states.pop(id(ctx), None)
+    if st is not None:
+        with st.lock:
+            st._sweep(time.monotonic() + SESSION_TTL + 1)  # every open session ends here
+        await asyncio.to_thread(st.recorder.close)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def _error(request: Request, status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    rid = request.scope.get(REQUEST_ID_KEY, "")
+    body = {"error": {"code": code, "message": message, "request_id": rid, **extra}}
+    return JSONResponse(body, status_code=status)
+
+
+def _refused(request: Request, exc: guard.Refused) -> JSONResponse:
+    return _error(request, exc.status, exc.code, str(exc), rule=exc.rule)
+
+
+def _protocol(request: Request, exc: RemoteProtocolError) -> JSONResponse:
+    status = exc.status_hint if 400 <= exc.status_hint < 500 else 400
+    return _error(request, status, "protocol_error", str(exc))
+
+
+def _admit(st: _State, peer: PeerConfig, name: str, *, charge: bool) -> tables.ServingSource:
+    src = st.source(name)
+    policy = guard.node_policy(st.ctx)
+    guard.check_partner(policy, peer.name, src.meta.query_type)
+    if charge:
+        st.limiter.charge(policy, peer.name)
+    return src
+
+
+def _budget(st: _State, peer: PeerConfig, src: tables.ServingSource) -> Any:
+    policy = guard.node_policy(st.ctx)
+    return st.budgets.get(policy, src.meta.name, peer.name, src.meta.evaluation_budget)
+
+
+async def _evaluate(key: bytes, points: bytes) -> bytes:
+    n = len(points) // 32
+    if n < PARALLEL_EVAL_MIN:
+        return await asyncio.to_thread(oprf.evaluate_job, key, points)
+    half = (n // 2) * 32
+    a, b = await asyncio.gather(asyncio.to_thread(oprf.evaluate_job, key, points[:half]),
+                                asyncio.to_thread(oprf.evaluate_job, key, points[half:]))
+    return a + b
+
+
+def _table_response_header(session_id: bytes, body_len: int) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, MsgType.TABLE_RESPONSE, 2, 0, session_id, NO_BUCKET,
+                       body_len)
+
+
+class PublishSpec(BaseModel):
+    """What to publish. ``nearest_stores`` (media) or ``inventory`` (dealer)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = Field(pattern="^(nearest_stores|inventory)$")
+    query_type: str = Field("store_recommendation", pattern="^(store_recommendation|lead_score)$")
+    stores_peer: str | None = None
+    stores_dataset: str = "stores"
+    users_dataset: str = "users"
+    locations_dataset: str = "locations"
+    inventory_dataset: str = "inventory"
+    min_bucket_size: int = Field(1000, ge=1, le=1 << 20)
+    evaluation_budget: int = Field(tables.DEFAULT_EVALUATION_BUDGET, ge=1)
+    rebuild: bool = False
+    processes: int = Field(tables.DEFAULT_PROCESSES, ge=1, le=64)
+
+
+class RecommendSpec(BaseModel):
+    """Run ``store_recommendation`` at this (OEM) node."""
+
+    model_config = ConfigDict(extra="forbid")
+    media_peer: str
+    dealer_peer: str
+    leads_dataset: str = "leads"
+    stores_dataset: str = "stores"
+    media_table: str = "nearest_stores"
+    dealer_table: str = "inventory"
+    mode: str = Field("batch", pattern="^(batch|realtime)$")
+    min_anonymity: int = Field(1000, ge=1)
+    output: str = Field("store_recommendation.parquet", pattern=r"^[A-Za-z0-9._-]{1,128}$")
+    query_id: str | None = None
+
+
+# --- routers ---------------------------------------------------------------------------
+
+
+def routers(ctx: NodeContext) -> list[APIRouter]:
+    peer_router = APIRouter(prefix="/v1/peer", tags=["anonymous query (peer)"])
+    operator = APIRouter(prefix="/v1/anonq", tags=["anonymous query (operator)"])
+
+    @peer_router.get("/public/{dataset}",
+                     summary="Columns of a dataset the policy marks public (Arrow IPC stream)")
+    async def public_columns(dataset: str, request: Request, caller: CurrentPeer,
+                             ctx: NodeContextDep,
+                             columns: str = Query("", max_length=2000)) -> Response:
+        from cleanroom.node.datasets import dataset_summary, load_dataset_table
+
+        st = state_of(ctx)
+        try:
+            info = await run_in_threadpool(dataset_summary, ctx, dataset)
+        except InputError as exc:
+            return _error(request, 404, "not_found", str(exc))
+        names = [c["name"] for c in info.columns]
+        wanted = [c for c in columns.split(",") if c] or names
+        try:
+            guard.check_public_columns(guard.node_policy(ctx), caller.name, dataset, wanted)
+        except guard.Refused as exc:
+            return _refused(request, exc)
+        unknown = [c for c in wanted if c not in names]
+        if unknown:
+            return _error(request, 404, "not_found",
+                          f"dataset {dataset!r} has no column {unknown[0]!r}")
+        table = await run_in_threadpool(load_dataset_table, ctx, dataset, columns=wanted)
+        sink = pa.BufferOutputStream()
+        with ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        data = sink.getvalue().to_pybytes()
+        qid = guard.query_label(request.headers.get(QUERY_HEADER))
+        sess = guard.session_label(os.urandom(16))
+        events = [
+            Event("session_started", {"query_id": qid, "session_id": sess,
+                                      "protocol": "public_columns", "peer": caller.name,
+                                      "role": "owner"}),
+            Event("message_sent", {"query_id": qid, "session_id": sess,
+                                   "protocol": "public_columns", "peer": caller.name,
+                                   "round": "columns", "digest": digest(data),
+                                   "size": len(data)}),
+            Event("session_ended", {"query_id": qid, "session_id": sess,
+                                    "protocol": "public_columns", "peer": caller.name,
+                                    "outcome": "ok", "messages_sent": 1,
+                                    "bytes_sent": len(data)}),
+        ]
+        await run_in_threadpool(st.recorder.record, events)
+        return Response(data, media_type=ARROW_STREAM,
+                        headers={"X-Dataset-Version": str(info.version)})
+
+    @peer_router.get("/anonq/tables/{name}", summary="Public metadata of a labeled table")
+    async def table_info(name: str, request: Request, caller: CurrentPeer,
+                         ctx: NodeContextDep) -> Any:
+        st = state_of(ctx)
+        try:
+            src = _admit(st, caller, name, charge=False)
+        except guard.Refused as exc:
+            return _refused(request, exc)
+        cur = src.current
+        left = _budget(st, caller, src).remaining(caller.name, b"")
+        return {
+            "name": name, "table_id": cur.table_id.hex(), "version": cur.version,
+            "bucket_count": cur.bucket_count, "entry_count": cur.entry_count,
+            "min_bucket_size": cur.min_bucket_size, "label_size": cur.label_size,
+            "query_type": src.meta.query_type, "evaluations_left": left,
+            "max_points_per_request": MAX_POINTS,
+        }
+
+    @peer_router.post("/anonq/tables/{name}/eval", summary="Blinded OPRF evaluation")
+    @body_limit(EVAL_BODY_LIMIT)
+    async def evaluate(name: str, request: Request, caller: CurrentPeer,
+                       ctx: NodeContextDep) -> Response:
+        st = state_of(ctx)
+        try:
+            src = _admit(st, caller, name, charge=True)
+        except guard.Refused as exc:
+            return _refused(request, exc)
+        body = await request.body()
+        st.capture("eval", body)
+        qid = guard.query_label(request.headers.get(QUERY_HEADER))
+        try:
+            msg = decode(body, max_bytes=EVAL_BODY_LIMIT)
+            if not isinstance(msg, EvalRequest):
+                raise RemoteProtocolError(
+                    f"{type(msg).__name__} sent to the evaluation endpoint", status_hint=409)
+        except RemoteProtocolError as exc:
+            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
+                                 "eval_request", body)
+            return _protocol(request, exc)
+        label = guard.session_label(msg.session_id)
+        role = AnonymousQueryOwner(src, querier_id=caller.name, session_id=msg.session_id,
+                                   budget=_budget(st, caller, src), max_points=MAX_POINTS,
+                                   allowed_modes=frozenset({Mode.BATCH, Mode.REALTIME}))
+        try:
+            step = role.receive(body)
+            assert step.job is not None
+            try:
+                output = await _evaluate(src.key, msg.points)
+            except RemoteProtocolError as exc:
+                role.fail(exc)
+            reply = role.complete(step, output)
+            assert reply is not None
+            events = [guard.started(qid, label, caller.name),
+                      *guard.message_events(qid, label, caller.name, ("eval_request", body),
+                                            ("eval_response", reply))]
+            if msg.mode is Mode.REALTIME:
+                # One ledger batch per real-time session: these entries are written with
+                # the bucket request's (or, if it never comes, when the session expires).
+                st.put_session(caller.name, msg.session_id, _Session(
+                    role, qid, label, name, time.monotonic(), len(body), len(reply), events))
+        except RemoteProtocolError as exc:
+            await _record_failed(st, qid, label, caller.name, "eval_request", body)
+            return _protocol(request, exc)
+        except guard.Refused as exc:
+            await _record_failed(st, qid, label, caller.name, "eval_request", body)
+            return _refused(request, exc)
+        if msg.mode is not Mode.BATCH:
+            return Response(reply, media_type=OCTET)
+        events.append(guard.ended(qid, label, caller.name, "ok", received=1, sent=1,
+                                  bytes_received=len(body), bytes_sent=len(reply)))
+        await run_in_threadpool(st.recorder.record, events)
+        return Response(reply, media_type=OCTET)
+
+    @peer_router.post("/anonq/tables/{name}/buckets", summary="Buckets of a real-time session")
+    @body_limit(BUCKET_BODY_LIMIT)
+    async def buckets(name: str, request: Request, caller: CurrentPeer,
+                      ctx: NodeContextDep) -> Response:
+        st = state_of(ctx)
+        try:
+            _admit(st, caller, name, charge=False)
+        except guard.Refused as exc:
+            return _refused(request, exc)
+        body = await request.body()
+        st.capture("buckets", body)
+        qid = guard.query_label(request.headers.get(QUERY_HEADER))
+        try:
+            msg = decode(body, max_bytes=BUCKET_BODY_LIMIT)
+            if not isinstance(msg, BucketRequest):
+                raise RemoteProtocolError(
+                    f"{type(msg).__name__} sent to the bucket endpoint", status_hint=409)
+        except RemoteProtocolError as exc:
+            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
+                                 "bucket_request", body)
+            return _protocol(request, exc)
+        session = st.take_session(caller.name, msg.session_id)
+        if session is None or session.table != name:
+            return _protocol(request, RemoteProtocolError(
+                "no open real-time session with this id (expired, finished or never "
+                "evaluated)", status_hint=409))
+        qid = session.query_id
+        try:
+            step = session.role.receive(body)
+            reply = step.reply
+            assert reply is not None
+        except RemoteProtocolError as exc:
+            st.recorder.submit(session.pending)
+            await _record_failed(st, qid, session.label, caller.name, "bucket_request", body,
+                                 started=False)
+            return _protocol(request, exc)
+        events = [
+            *session.pending,
+            *guard.message_events(qid, session.label, caller.name, ("bucket_request", body),
+                                  ("bucket_response", reply)),
+            guard.ended(qid, session.label, caller.name, "ok", received=2, sent=2,
+                        bytes_received=session.bytes_in + len(body),
+                        bytes_sent=session.bytes_out + len(reply)),
+        ]
+        await run_in_threadpool(st.recorder.record, events)
+        return Response(reply, media_type=OCTET)
+
+    @peer_router.get("/anonq/tables/{name}/download",
+                     summary="The whole table, or a delta from the version the caller holds")
+    async def download(name: str, request: Request, caller: CurrentPeer,
+                       ctx: NodeContextDep,
+                       message: str = Query(..., max_length=4 * SMALL_BODY_LIMIT,
+                                            description="TABLE_REQUEST, base64url"),
+                       query: str | None = Query(None, max_length=64)) -> Response:
+        st = state_of(ctx)
+        try:
+            src = _admit(st, caller, name, charge=True)
+        except guard.Refused as exc:
+            return _refused(request, exc)
+        try:
+            body = base64.urlsafe_b64decode(message.encode("ascii") + b"=" * (-len(message) % 4))
+        except (ValueError, UnicodeEncodeError):
+            return _protocol(request, RemoteProtocolError("the message is not base64url"))
+        st.capture("download", body)
+        qid = guard.query_label(query)
+        label = guard.session_label(os.urandom(16))
+        try:
+            msg = decode(body, max_bytes=SMALL_BODY_LIMIT)
+            if not isinstance(msg, TableRequest):
+                raise RemoteProtocolError(
+                    f"{type(msg).__name__} sent to the download endpoint", status_hint=409)
+            label = guard.session_label(msg.session_id)
+            cur = src.current
+            same = msg.table_id == cur.table_id and msg.have_version >= 1
+            if same and msg.have_version > cur.version:
+                raise RemoteProtocolError(f"querier claims version {msg.have_version}, newest "
+                                          f"is {cur.version}", status_hint=409)
+            blob = (await asyncio.to_thread(src.delta_since, msg.have_version)).to_bytes() \
+                if same else None
+        except RemoteProtocolError as exc:
+            await _record_failed(st, qid, label, caller.name, "table_request", body)
+            return _protocol(request, exc)
+        head_events = [guard.started(qid, label, caller.name),
+                       *guard.message_events(qid, label, caller.name, ("table_request", body),
+                                             None)]
+        if blob is not None:
+            reply = _table_response_header(msg.session_id, len(blob)) + blob
+            await run_in_threadpool(st.recorder.record, [
+                *head_events,
+                *guard.message_events(qid, label, caller.name, None, ("table_delta", reply)),
+                guard.ended(qid, label, caller.name, "ok", received=1, sent=1,
+                            bytes_received=len(body), bytes_sent=len(reply))])
+            return Response(reply, media_type=OCTET)
+        path = src.folder / f"v{cur.version:08d}.table"
+        f = path.open("rb")  # held open: a later version may replace the name meanwhile
+        size = os.fstat(f.fileno()).st_size
+        await run_in_threadpool(st.recorder.record, head_events)
+        header = _table_response_header(msg.session_id, size)
+        peer_name = caller.name
+
+        async def stream() -> AsyncIterator[bytes]:
+            h = hashlib.sha256(header)
+            sent = len(header)
+            ok = False
+            try:
+                yield header
+                while True:
+                    chunk = await asyncio.to_thread(f.read, STREAM_CHUNK)
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    sent += len(chunk)
+                    yield chunk
+                ok = True
+            finally:
+                f.close()
+                # The client may close the stream as soon as it holds Content-Length bytes,
+                # before the last empty read: every byte handed out counts as delivered.
+                ok = ok or sent == len(header) + size
+                events = []
+                if ok:
+                    events.append(Event("message_sent", {
+                        "query_id": qid, "session_id": label, "protocol": "labeled_psi",
+                        "peer": peer_name, "round": "table_full",
+                        "digest": "sha256:" + h.hexdigest(), "size": sent}))
+                events.append(guard.ended(qid, label, peer_name, "ok" if ok else "failed",
+                                          received=1, sent=1 if ok else 0,
+                                          bytes_received=len(body), bytes_sent=sent))
+                try:
+                    # Shielded: a disconnect cancels this generator, not the ledger write.
+                    await asyncio.shield(asyncio.to_thread(st.recorder.record, events))
+                except CleanroomError as exc:
+                    log.error("download session not recorded: %s", exc)
+
+        return StreamingResponse(stream(), media_type=OCTET,
+                                 headers={"Content-Length": str(len(header) + size)})
+
+    @operator.get("/tables", summary="Published labeled tables")
+    def list_tables(_op: OperatorAuth, ctx: NodeContextDep) -> list[dict[str, Any]]:
+        st = state_of(ctx)
+        return [src.meta.as_dict() for src in st.sources.values()]
+
+    @operator.post("/tables/{name}/publish", summary="Build or update a labeled table")
+    async def publish(name: str, spec: PublishSpec, _op: OperatorAuth,
+                      ctx: NodeContextDep) -> dict[str, Any]:
+        from cleanroom.anonq.client import publish_from_datasets
+
+        st = state_of(ctx)
+        tables.check_table_name(name)
+
+        def run() -> dict[str, Any]:
+            with st.publish_lock:
+                report = publish_from_datasets(ctx, name, **spec.model_dump())
+                st.reload(name)
+                return report.as_dict()
+
+        return await run_in_threadpool(run)
+
+    @operator.post("/store-recommendations", summary="Run store_recommendation (OEM node)")
+    async def store_recommendations(spec: RecommendSpec, _op: OperatorAuth,
+                                    ctx: NodeContextDep) -> dict[str, Any]:
+        from cleanroom.anonq.client import store_recommendations as run_pipeline
+
+        def run() -> dict[str, Any]:
+            return run_pipeline(ctx, **spec.model_dump()).as_dict()
+
+        return await run_in_threadpool(run)
+
+    return [peer_router, operator]
+
+
+async def _record_failed(st: _State, qid: str, label: str, peer: str, round_name: str,
+                         body: bytes, *, started: bool = True) -> None:
+    events: list[Event] = [guard.started(qid, label, peer)] if started else []
+    events += guard.message_events(qid, label, peer, (round_name, body), None)
+    events.append(guard.ended(qid, label, peer, "failed", received=1,
+                              bytes_received=len(body)))
+    try:
+        await run_in_threadpool(st.recorder.record, events)
+    except CleanroomError as exc:
+        log.error("failed session not recorded: %s", exc)
