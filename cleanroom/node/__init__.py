@@ -7,5 +7,6 @@ and the client certificate in the ASGI scope), ``deps`` (``CurrentPeer``, ``Oper
 registration point for subsystem routers), ``server`` (``node start``), ``datasets``
 (``load_dataset``), ``audit`` (the node's ledger: ``record``, ``reconcile``), ``api_ledger``
 (checkpoint, proof and entry endpoints), ``witness_service`` (cross-party witnessing rounds
-and timer), ``launcher`` (run a node as a local process), ``cli``. Nothing in this package sends dataset rows to a peer.
+and timer), ``launcher`` (run a node as a local process), ``cli``. Nothing in this package
+sends dataset rows to a peer.
 """

@@ -115,6 +115,22 @@ class Policy(_Strict):
         own = rule.min_group_size if rule else None
         return max(self.limits.min_group_size, own or 0)
 
+    def min_intersection_rule(self, partner: str) -> tuple[int, str]:
+        """The effective minimum intersection size for ``partner`` and the rule setting it."""
+        rule = self.partners.get(partner)
+        own = rule.min_intersection_size if rule else None
+        if own is not None and own > self.limits.min_intersection_size:
+            return own, f"partners.{partner}.min_intersection_size"
+        return self.limits.min_intersection_size, "limits.min_intersection_size"
+
+    def min_group_rule(self, partner: str) -> tuple[int, str]:
+        """The effective minimum group size for ``partner`` and the rule setting it."""
+        rule = self.partners.get(partner)
+        own = rule.min_group_size if rule else None
+        if own is not None and own > self.limits.min_group_size:
+            return own, f"partners.{partner}.min_group_size"
+        return self.limits.min_group_size, "limits.min_group_size"
+
 
 # --- loading with errors that name the line and the key ----------------------------------
 

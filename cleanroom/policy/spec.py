@@ -38,7 +38,9 @@ class QueryParams(_Strict):
     psi_reveal: RevealMode = "intersection"
     reveal_counterparty_rows: bool = False
     min_group_size: Annotated[int, Field(ge=1)] | None = None
+    min_intersection_size: Annotated[int, Field(ge=1)] | None = None
     noise: NoiseSpec | None = None
+    timeout_seconds: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
 
