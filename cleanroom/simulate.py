@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cleanroom.errors import InputError
+from cleanroom.errors import CleanroomError, InputError
 from cleanroom.node.launcher import NodeProcess, make_node, pin_each_other
+from cleanroom.queries.states import TERMINAL
 from cleanroom.synth import SynthConfig, generate
 from parties.schemas import PARTY_TABLES, get_schema, table_file
 
@@ -82,6 +83,90 @@ def _print_ingest(reports: dict[str, dict[str, Any]]) -> None:
         print(f"    {table:<20} {report['rows']:>9,}  {invalid}")
 
 
+def _run_query(node: NodeProcess, spec: dict[str, Any], timeout: float = 900.0) -> dict[str, Any]:
+    """Submit a query spec at ``node`` through its operator API and wait for its end."""
+    with node.operator_client(timeout=120.0) as client:
+        submitted: dict[str, Any] = client.post_json("/v1/queries", spec)
+        qid = submitted["id"]
+        deadline = time.monotonic() + timeout
+        while True:
+            query: dict[str, Any] = client.get_json(f"/v1/queries/{qid}")
+            if query["state"] in TERMINAL:
+                break
+            if time.monotonic() > deadline:
+                raise CleanroomError(f"query {qid} did not finish within {timeout:g} s")
+            time.sleep(0.2)
+        if query["state"] != "completed":
+            raise CleanroomError(f"query {qid} ended {query['state']}: {query.get('error')}")
+        result: dict[str, Any] = client.get_json(f"/v1/queries/{qid}/result")
+    return {"id": qid, "query": query, "result": result}
+
+
+def segment_stats_spec() -> dict[str, Any]:
+    """Matched leads per city and intended series, OEM x media, matched on all three keys."""
+    join = {"phone": "join_key", "email": "join_key", "device_id": "join_key"}
+    return {
+        "version": 1,
+        "type": "segment_stats",
+        "requester": "oem",
+        "counterparties": ["media"],
+        "purpose": "campaign_measurement",
+        "receiver": "oem",
+        "inputs": {
+            "oem": [
+                {
+                    "dataset": "leads",
+                    "columns": {**join, "city": "group_by", "intended_series": "group_by"},
+                }
+            ],
+            "media": [{"dataset": "users", "columns": dict(join)}],
+        },
+        "params": {"psi_reveal": "intersection"},
+    }
+
+
+def _print_segments(outcome: dict[str, Any]) -> None:
+    body = outcome["result"].get("result", {})
+    groups = body.get("groups", [])
+    print(
+        f"  segment_stats {outcome['id']}: {len(groups)} groups released, "
+        f"{body.get('suppressed_groups', 0)} suppressed (below the minimum group size)"
+    )
+    for group in sorted(groups, key=lambda g: -int(g.get("count", 0)))[:5]:
+        print(f"    {group}")
+
+
+def _witness_all(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
+    rounds: dict[str, Any] = {}
+    for party, node in nodes.items():
+        with node.operator_client(timeout=120.0) as client:
+            rounds[party] = client.post_json("/v1/ledger/witness", {})
+    return rounds
+
+
+def _audit_all(nodes: dict[str, NodeProcess], out: Path) -> dict[str, Any]:
+    """``audit verify --peers`` at every node, then one compliance report per node."""
+    from audits.peers import transport_fetcher
+    from audits.report import report_for_node
+    from audits.verify import verify_node
+    from cleanroom.node.config import NodeConfig
+
+    reports_dir = out / "reports"
+    reports_dir.mkdir(exist_ok=True)
+    audits: dict[str, Any] = {}
+    for party, node in nodes.items():
+        config = NodeConfig.load(node.dir)
+        audit = verify_node(node.dir, peers=True, fetch_peer_checkpoint=transport_fetcher(config))
+        html, _ = report_for_node(node.dir, audit=audit)
+        path = reports_dir / f"compliance-{party}.html"
+        path.write_text(html, encoding="utf-8")
+        audits[party] = {"ok": audit.ok, "summary": audit.summary(), "report": str(path)}
+        status = "verified, peers consistent" if audit.ok else "FAILED"
+        print(f"  {party:<7} ledger {status}: {audit.summary().splitlines()[1].strip()}")
+        print(f"          compliance report: {path}")
+    return audits
+
+
 def run_simulation(out: Path, leads: int, seed: int, *, overwrite: bool = False) -> dict[str, Any]:
     """Run the simulation into ``out`` and return its summary as a dict."""
     if leads < 100:
@@ -122,12 +207,24 @@ def run_simulation(out: Path, leads: int, seed: int, *, overwrite: bool = False)
         )
         _print_ingest(reports)
         result["ingest"] = reports
+        seg = timer.run(
+            "segment_stats (OEM x media)", lambda: _run_query(nodes["oem"], segment_stats_spec())
+        )
+        _print_segments(seg)
+        result["segment_stats"] = seg
+        result["witness"] = timer.run("witness each other's ledgers", lambda: _witness_all(nodes))
+        audits = timer.run(
+            "audit verify --peers and compliance reports", lambda: _audit_all(nodes, out)
+        )
+        result["audit"] = audits
+        if not all(a["ok"] for a in audits.values()):
+            raise CleanroomError("a ledger failed verification; see the compliance reports")
     finally:
         timer.run("stop nodes", lambda: [n.stop() for n in nodes.values()])
     result["step_seconds"] = timer.times
     print("\nStep times:")
     for name, seconds in timer.times.items():
-        print(f"  {name:<40} {seconds:8.1f} s")
+        print(f"  {name:<46} {seconds:8.1f} s")
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     print(f"\nsummary written to {out / 'summary.json'}")
     return result

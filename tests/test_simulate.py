@@ -15,7 +15,7 @@ from parties.schemas import PARTY_TABLES
 
 def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "sim"
-    result = run_simulation(out, leads=400, seed=3)
+    result = run_simulation(out, leads=2000, seed=3)
     rows = result["data"]["rows"]
     assert set(result["ingest"]) == set(PARTY_TABLES)
     for table, report in result["ingest"].items():
@@ -25,8 +25,18 @@ def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
     users = result["ingest"]["media/users"]["id_report"]
     assert {r["column"] for r in users} == {"phone", "email", "device_id", "device_id_2"}
     assert all(r["valid"] + r["missing"] + r["invalid"] == r["rows"] for r in users)
+    # segment_stats ran between the OEM and media nodes; every released group is at least
+    # the minimum group size, and no group exceeds the leads in its city that are media users.
+    groups = result["segment_stats"]["result"]["result"]["groups"]
+    assert groups and all(g["count"] >= 20 for g in groups)
+    assert sum(g["count"] for g in groups) <= rows["oem/leads"]
+    # Every node's ledger verifies, with its peers' views consistent, and has a report.
+    for party, audit in result["audit"].items():
+        assert audit["ok"], (party, audit["summary"])
+        html = Path(audit["report"]).read_text()
+        assert "<svg" in html and "http://" not in html and "https://" not in html
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["ingest"]["oem/leads"]["rows"] == 400
+    assert saved["ingest"]["oem/leads"]["rows"] == 2000
     # No node keeps running after the simulation.
     for party in ("oem", "media", "dealer"):
         assert (out / "nodes" / party / "node.toml").exists()
