@@ -51,6 +51,7 @@ ROUTER_MODULES: tuple[str, ...] = (
     "cleanroom.node.api_ledger",
     "cleanroom.queries.api",
     "cleanroom.anonq.api",
+    "cleanroom.node.api_openmined",
 )
 
 log = logging.getLogger("cleanroom.node")

@@ -44,7 +44,10 @@ from cleanroom.node.context import NodeContext
 from cleanroom.policy import Policy, QuerySpec
 
 #: Modules that register runners when imported. Add yours here.
-RUNNER_MODULES: tuple[str, ...] = ("cleanroom.queries.segment_stats",)
+RUNNER_MODULES: tuple[str, ...] = (
+    "cleanroom.queries.segment_stats",
+    "cleanroom.queries.match",
+)
 
 
 class SpecRefused(CleanroomError):

@@ -11,7 +11,12 @@ columns. Fails with the rule's name if the matched rows are fewer than the effec
 minimum intersection size; suppresses groups whose count is under the effective minimum
 group size; adds Laplace or Gaussian noise when the spec asks for it.
 
-Counterparty side: a :class:`~protocols.psi.PsiResponder` over the items of its
+With ``params.options.match_handle`` (the handle of an earlier ``match`` query of the
+requester on the same dataset version and counterparties) no PSI session runs: the
+handle's matched rows are the population.
+
+Sessions are driven by :mod:`cleanroom.queries.psi_session` (streamed buckets, process
+pool). Counterparty side: a :class:`~protocols.psi.PsiResponder` over the items of its
 ``join_key`` columns, restricted to the reveal modes its policy allows for the requester.
 Counterparties contribute identifiers only; aggregating their columns needs another
 protocol and is refused by :meth:`SegmentStatsRunner.validate`. No party's rows are
@@ -38,6 +43,7 @@ from cleanroom.node.context import NodeContext
 from cleanroom.node.datasets import dataset_summary, load_dataset
 from cleanroom.policy import QuerySpec
 from cleanroom.policy.spec import InputSpec
+from cleanroom.queries.psi_session import PsiSessionResponder, new_requester, run_requester
 from cleanroom.queries.runners import (
     CounterpartyRun,
     QueryFailure,
@@ -49,12 +55,11 @@ from cleanroom.queries.runners import (
     protocol_session_id,
     register,
 )
-from protocols.psi import Mode, PsiRequester, PsiResponder
+from protocols.psi import Mode, PsiResponder
 from protocols.psi.multikey import Kind, encode_item
 
 PROTOCOL = "psi"
 MISSING = "(missing)"
-ITEMS_PER_BUCKET = 20_000
 MAX_GROUPS = 10_000
 
 
@@ -141,6 +146,10 @@ class SegmentStatsRunner(Runner):
     def run(self, run: RequesterRun) -> RunResult:
         spec = run.spec
         frame = _load_requester(run.ctx, spec)
+        handle = spec.params.options.get("match_handle")
+        if handle is not None:
+            matched = _matched_by_handle(run, frame, str(handle))
+            return self._finish(run, frame, matched)
         join_cols = _columns_with(spec.inputs[spec.requester], "join_key")
         kinds = _kinds(run.ctx, spec.inputs[spec.requester], "join_key")
         items, owners = _items_of(frame, join_cols, kinds)
@@ -152,6 +161,10 @@ class SegmentStatsRunner(Runner):
             if rows:
                 mask[list(rows)] = True
             matched &= mask
+        return self._finish(run, frame, matched)
+
+    def _finish(self, run: RequesterRun, frame: pd.DataFrame, matched: np.ndarray) -> RunResult:
+        spec = run.spec
         n_matched = int(matched.sum())
         if n_matched < run.min_intersection.value:
             raise QueryFailure(
@@ -192,20 +205,7 @@ class SegmentStatsRunner(Runner):
             allowed_modes=modes,
             expected_session_id=protocol_session_id(run.query_id, session_id),
         )
-        return _PsiResponderAdapter(role)
-
-
-class _PsiResponderAdapter:
-    def __init__(self, role: PsiResponder) -> None:
-        self.role = role
-        self.role.start()
-
-    def handle(self, message: bytes) -> bytes:
-        return self.role.handle(message) or b""
-
-    @property
-    def finished(self) -> bool:
-        return self.role.finished
+        return PsiSessionResponder(role)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -294,22 +294,47 @@ def _items_of(
 
 def _psi_with(run: RequesterRun, peer: str, items: list[bytes], owners: list[int]) -> set[int]:
     with run.session(peer, PROTOCOL) as channel:
-        buckets = max(1, min(65536, len(set(items)) // ITEMS_PER_BUCKET))
-        role = PsiRequester(
-            items,
-            mode=Mode.INTERSECTION,
-            bucket_count=buckets,
-            session_id=channel.protocol_session_id,
-        )
-        reply = channel.exchange(role.start(), round="hello")
-        role.handle(reply)
-        for request in role.requests():
-            run.check_alive()
-            reply = channel.exchange(request, round="bucket")
-            role.handle(reply)
-        result = role.result
+        role = new_requester(items, mode=Mode.INTERSECTION,
+                             session_id=channel.protocol_session_id)
+        result = run_requester(channel, role, check_alive=run.check_alive)
     assert result.matched_indices is not None
     return {owners[i] for i in result.matched_indices}
+
+
+def _matched_by_handle(run: RequesterRun, frame: pd.DataFrame, handle: str) -> np.ndarray:
+    """Rows matched by an earlier ``match`` query of this node (no PSI session runs)."""
+    from cleanroom.queries.match import load_handle
+
+    spec = run.spec
+    field = "params.options.match_handle"
+    try:
+        manifest, rows = load_handle(run.ctx, handle)
+    except CleanroomError as exc:
+        raise QueryFailure("bad_match_handle", str(exc), field=field) from None
+    first = spec.inputs[spec.requester][0].dataset
+    info = dataset_summary(run.ctx, first)
+    if manifest.get("requester") != spec.requester or manifest.get("dataset") != first:
+        raise QueryFailure("bad_match_handle",
+                           f"match handle {handle} was made on dataset "
+                           f"{manifest.get('dataset')}, this query's first dataset is {first}",
+                           field=field)
+    if manifest.get("dataset_version") != info.version:
+        raise QueryFailure("stale_match_handle",
+                           f"dataset {first} changed since match handle {handle} was made "
+                           f"(version {manifest.get('dataset_version')} -> {info.version})",
+                           field=field)
+    if sorted(manifest.get("counterparties", [])) != sorted(spec.counterparties):
+        raise QueryFailure("bad_match_handle",
+                           f"match handle {handle} matched with "
+                           f"{manifest.get('counterparties')}, this query names "
+                           f"{list(spec.counterparties)}", field=field)
+    matched = np.zeros(len(frame), dtype=bool)
+    idx = rows["_row"].to_numpy(dtype="int64")
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(frame)):
+        raise QueryFailure("stale_match_handle", f"match handle {handle} names rows outside "
+                           f"dataset {first}", field=field)
+    matched[idx] = True
+    return matched
 
 
 def _aggregate(spec: QuerySpec, rows: pd.DataFrame, min_group: int, group_rule: str) -> RunResult:
