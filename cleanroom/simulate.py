@@ -136,6 +136,86 @@ def _print_segments(outcome: dict[str, Any]) -> None:
         print(f"    {group}")
 
 
+MATCH_INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "media": ("users", ("phone", "email", "device_id", "device_id_2")),
+    "dealer": ("activity", ("phone",)),
+}
+
+
+def match_spec(counterparties: tuple[str, ...]) -> dict[str, Any]:
+    """Multi-key match of the OEM's leads with one or two counterparties."""
+    own = {"phone": "join_key", "email": "join_key", "device_id": "join_key", "lead_id": "row_id"}
+    inputs: dict[str, Any] = {"oem": [{"dataset": "leads", "columns": own}]}
+    for cp in counterparties:
+        dataset, columns = MATCH_INPUTS[cp]
+        inputs[cp] = [{"dataset": dataset, "columns": dict.fromkeys(columns, "join_key")}]
+    return {
+        "version": 1,
+        "type": "match",
+        "requester": "oem",
+        "counterparties": list(counterparties),
+        "purpose": "campaign_measurement",
+        "receiver": "oem",
+        "inputs": inputs,
+        "params": {"psi_reveal": "intersection"},
+    }
+
+
+def reachable_overlaps(data_dir: Path) -> dict[str, float]:
+    """Share of leads that share at least one normalised identifier with each party's
+    records, from the generator's ground truth: the best any identifier matching can do
+    (some people use different identifiers at different parties)."""
+    import pandas as pd
+
+    im = pd.read_parquet(data_dir / "ground_truth" / "identity_map.parquet")
+    cols = ["phone", "email", "device_id", "device_id_2"]
+
+    def ids_of(party: str) -> set[str]:
+        part = im[im["party"] == party]
+        return {v for c in cols for v in part[c].dropna()}
+
+    leads = im[im["party"] == "oem"]
+    lead_ids = [
+        {v for v in (r.phone, r.email, r.device_id) if isinstance(v, str)}
+        for r in leads.itertuples()
+    ]
+    media, dealer = ids_of("media"), ids_of("dealer")
+    in_media = [bool(ids & media) for ids in lead_ids]
+    in_dealer = [bool(ids & dealer) for ids in lead_ids]
+    n = max(1, len(lead_ids))
+    return {
+        "oem x media": sum(in_media) / n,
+        "oem x dealer": sum(in_dealer) / n,
+        "oem x media x dealer": sum(a and b for a, b in zip(in_media, in_dealer, strict=True)) / n,
+    }
+
+
+def _run_matches(
+    nodes: dict[str, NodeProcess], leads: int, truth: dict[str, Any]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for cps in (("media",), ("dealer",), ("media", "dealer")):
+        name = " x ".join(("oem", *cps))
+        outcome = _run_query(nodes["oem"], match_spec(cps))
+        body = outcome["result"].get("result", {})
+        matched = int(body.get("matched_rows", 0))
+        per_key = {cp: body["per_counterparty"][cp]["per_key"] for cp in cps}
+        out[name] = {
+            "id": outcome["id"],
+            "matched": matched,
+            "rate": matched / leads,
+            "per_key": per_key,
+            "handle": body.get("handle"),
+        }
+        expected = truth.get(name)
+        shown = f" (reachable by identifiers: {expected:.1%})" if expected is not None else ""
+        print(
+            f"  match {name:<20} {matched:>8,} leads = {matched / leads:6.1%}{shown}  "
+            f"per key: {per_key}"
+        )
+    return out
+
+
 def _witness_all(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
     rounds: dict[str, Any] = {}
     for party, node in nodes.items():
@@ -207,6 +287,11 @@ def run_simulation(out: Path, leads: int, seed: int, *, overwrite: bool = False)
         )
         _print_ingest(reports)
         result["ingest"] = reports
+        truth = reachable_overlaps(data_dir)
+        result["match"] = timer.run(
+            "match (PSI, multi-key; two- and three-party)",
+            lambda: _run_matches(nodes, leads, truth),
+        )
         seg = timer.run(
             "segment_stats (OEM x media)", lambda: _run_query(nodes["oem"], segment_stats_spec())
         )

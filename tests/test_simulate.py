@@ -9,7 +9,7 @@ import pytest
 
 from cleanroom.cli import main
 from cleanroom.errors import InputError
-from cleanroom.simulate import MARKER, run_simulation
+from cleanroom.simulate import MARKER, reachable_overlaps, run_simulation
 from parties.schemas import PARTY_TABLES
 
 
@@ -25,6 +25,12 @@ def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
     users = result["ingest"]["media/users"]["id_report"]
     assert {r["column"] for r in users} == {"phone", "email", "device_id", "device_id_2"}
     assert all(r["valid"] + r["missing"] + r["invalid"] == r["rows"] for r in users)
+    # PSI matching finds (nearly) every lead that shares an identifier with the other
+    # parties; one-to-one resolution over duplicate accounts costs at most a few.
+    reachable = reachable_overlaps(out / "data")
+    for name, outcome in result["match"].items():
+        assert abs(outcome["rate"] - reachable[name]) <= 0.01, (name, outcome, reachable)
+        assert outcome["rate"] <= reachable[name] + 1e-9
     # segment_stats ran between the OEM and media nodes; every released group is at least
     # the minimum group size, and no group exceeds the leads in its city that are media users.
     groups = result["segment_stats"]["result"]["result"]["groups"]
