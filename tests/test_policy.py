@@ -94,11 +94,6 @@ def test_allowed_query_is_approved() -> None:
             "partners.dealer.query_types",
             "type",
         ),
-        (
-            {"params.reveal_counterparty_rows": True},
-            "partners.oem.reveal_rows_to",
-            "params.reveal_counterparty_rows",
-        ),
         ({"params.min_group_size": 5}, "limits.min_group_size", "params.min_group_size"),
         (
             {"inputs": {"media": [{"dataset": "secret", "columns": {"x": "aggregate"}}]}},
@@ -203,3 +198,16 @@ def test_spec_canonical_bytes_are_stable() -> None:
     a = parse_spec(spec())
     b = parse_spec(dict(reversed(list(spec().items()))))
     assert a.canonical_bytes() == b.canonical_bytes()
+
+
+def test_revealing_our_rows_needs_the_receiver_in_reveal_rows_to() -> None:
+    text = default_policy_path("media").read_text()
+    reveal = parse_spec(spec(**{"params.reveal_counterparty_rows": True}))
+    assert decide(media_policy(), reveal, "media", NoUsage(), NOW).approved  # default: oem
+    closed = parse_policy(text.replace('reveal_rows_to = ["oem"]', "reveal_rows_to = []", 1))
+    denied = decide(closed, reveal, "media", NoUsage(), NOW)
+    assert (denied.outcome, denied.rule, denied.field) == (
+        "denied",
+        "partners.oem.reveal_rows_to",
+        "params.reveal_counterparty_rows",
+    )
