@@ -26,6 +26,7 @@ query states (the channel does that).
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
@@ -39,6 +40,7 @@ from typing import Any
 
 from protocols.errors import RemoteProtocolError
 from protocols.psi import Mode, PsiRequester, PsiResponder, RequesterResult, Step
+from protocols.psi.messages import HEADER
 from protocols.psi.states import State
 
 BATCH_MAGIC = b"CRPB"
@@ -47,10 +49,14 @@ _BATCH_HEAD = struct.Struct(">4sB3sI")
 _LEN = struct.Struct(">I")
 MAX_BATCH_MESSAGES = 256
 
-#: distinct items per bucket (one pool job); 8192 points = 256 KiB per direction
+#: most distinct items per bucket (one pool job); 8192 points = 256 KiB per direction
 ITEMS_PER_BUCKET = 8192
+#: fewest items per bucket: below that, per-job and per-message costs show
+MIN_ITEMS_PER_BUCKET = 1024
 #: buckets per session message: keeps a message a few MiB at most
 BUCKETS_PER_MESSAGE = 8
+#: the responder blinds its own half of at most this many buckets ahead of the requests
+OWN_LOOKAHEAD = 2 * BUCKETS_PER_MESSAGE
 
 # --- the node's process pool ---------------------------------------------------------------------
 
@@ -148,19 +154,39 @@ def decode_batch(data: bytes) -> list[bytes]:
 
 @dataclass(frozen=True)
 class Streaming:
-    """How a session is cut: buckets of about ``items_per_bucket`` distinct items, sent
-    ``buckets_per_message`` at a time, at least ``min_messages`` bucket messages."""
+    """How a session is cut.
+
+    Buckets hold ``items_per_bucket`` distinct items at most, and fewer (down to
+    ``min_items_per_bucket``) for small sets so that there are at least ``min_buckets``;
+    the count is even, so two workers get equal shares. Messages carry an even number of
+    buckets, up to ``buckets_per_message``, and a session has at least ``min_messages``
+    of them when the bucket count allows, so both parties' pools overlap (the first and
+    the last message cannot).
+    """
 
     items_per_bucket: int = ITEMS_PER_BUCKET
     buckets_per_message: int = BUCKETS_PER_MESSAGE
-    min_messages: int = 2
+    min_messages: int = 4
+    min_items_per_bucket: int = MIN_ITEMS_PER_BUCKET
+    min_buckets: int = 16
 
     def bucket_count(self, distinct_items: int) -> int:
-        by_size = math.ceil(max(1, distinct_items) / self.items_per_bucket)
-        return max(self.min_messages, min(65536, by_size))
+        n = max(1, distinct_items)
+        size = max(min(self.items_per_bucket, self.min_items_per_bucket),
+                   min(self.items_per_bucket, math.ceil(n / self.min_buckets)))
+        count = math.ceil(n / size)
+        count += count % 2
+        return max(2, min(65536, count))
 
     def per_message(self, bucket_count: int) -> int:
-        return max(1, min(self.buckets_per_message, bucket_count // self.min_messages))
+        per = min(self.buckets_per_message, bucket_count // max(1, self.min_messages))
+        per -= per % 2
+        return max(1, per)
+
+    def batches(self, buckets: Sequence[int]) -> list[list[int]]:
+        """``buckets`` cut into messages of :meth:`per_message` buckets each (last: rest)."""
+        per = self.per_message(len(buckets))
+        return [list(buckets[i : i + per]) for i in range(0, len(buckets), per)]
 
 
 def new_requester(
@@ -190,9 +216,7 @@ def run_requester(
     workers = worker_pool() if pool is True else (pool or None)
     reply = channel.exchange(role.start(), round="hello")
     role.handle(reply)
-    buckets = role.pending_buckets()
-    per = streaming.per_message(role.bucket_count)
-    batches = [buckets[i : i + per] for i in range(0, len(buckets), per)]
+    batches = streaming.batches(role.pending_buckets())
     blinding: deque[list[tuple[Step, Future[Any]]]] = deque()
     finishing: deque[tuple[Step, Future[Any]]] = deque()
 
@@ -239,25 +263,119 @@ def run_requester(
 
 class PsiSessionResponder:
     """A :class:`~cleanroom.queries.runners.SessionResponder` over a :class:`PsiResponder`:
-    the first message is the plain HELLO, every later one a batch of REQUESTs."""
+    the first message is the plain HELLO, every later one a batch of REQUESTs.
 
-    def __init__(self, role: PsiResponder, *, pool: ProcessPoolExecutor | bool | None = True
-                 ) -> None:
+    Right after the HELLO it starts blinding its own buckets in the pool (the own half of
+    each answer needs nothing from the requester), in bucket order, at most
+    ``lookahead`` buckets ahead of the requests received and at most one job per worker
+    at a time (so a batch's re-blinding jobs never queue behind many own jobs). A
+    REQUEST whose own half is ready costs one re-blinding job.
+    """
+
+    def __init__(self, role: PsiResponder, *, pool: ProcessPoolExecutor | bool | None = True,
+                 lookahead: int = OWN_LOOKAHEAD) -> None:
         self.role = role
         self.role.start()
         self._pool = worker_pool() if pool is True else (pool or None)
+        self._lookahead = max(0, lookahead) if self._pool is not None else 0
+        self._slots = max(1, getattr(self._pool, "_max_workers", 1))
+        self._lock = threading.Lock()
+        self._own: dict[int, Future[Any]] = {}
+        self._queued: deque[tuple[int, Any]] = deque()
+        self._in_flight = 0
+        self._next_own = 0
+        self._seen = 0
+
+    # own halves ahead of the requests
+
+    def _top_up(self) -> None:
+        role = self.role
+        limit = min(role.bucket_count, self._seen + self._lookahead)
+        while self._next_own < limit:
+            b = self._next_own
+            self._next_own += 1
+            if b in self._own or not role.awaits_own(b):
+                continue
+            fut: Future[Any] = Future()
+            self._own[b] = fut
+            with self._lock:
+                self._queued.append((b, role.own_job(b)))
+        self._launch()
+
+    def _launch(self) -> None:
+        assert self._pool is not None or not self._queued
+        while True:
+            with self._lock:
+                if not self._queued or self._in_flight >= self._slots:
+                    return
+                b, job = self._queued.popleft()
+                self._in_flight += 1
+                target = self._own[b]
+            assert self._pool is not None
+            inner = self._pool.submit(job.run)
+            inner.add_done_callback(functools.partial(self._landed, target=target))
+
+    def _landed(self, inner: Future[Any], *, target: Future[Any]) -> None:
+        with self._lock:
+            self._in_flight -= 1
+        if inner.cancelled():
+            target.cancel()
+        elif (exc := inner.exception()) is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(inner.result())
+        self._launch()
+
+    def _cancel_own(self) -> None:
+        with self._lock:
+            self._queued.clear()
+        for fut in self._own.values():
+            fut.cancel()
+        self._own.clear()
+
+    def _use_own(self, message: bytes) -> None:
+        """If ``message``'s bucket has its own half under way, wait for it and hand it over."""
+        if len(message) < HEADER.size:
+            return  # the role object rejects it
+        bucket = HEADER.unpack_from(message)[6]
+        fut = self._own.pop(bucket, None)
+        if fut is None:
+            return
+        with self._lock:  # not started yet: run it with the request instead
+            for i, (b, _) in enumerate(self._queued):
+                if b == bucket:
+                    del self._queued[i]
+                    return
+        try:
+            output = fut.result()
+        except RemoteProtocolError as exc:
+            self._cancel_own()
+            self.role.fail(exc)
+        self.role.provide_own(bucket, output)
 
     def handle(self, message: bytes) -> bytes:
         if self.role.state is State.IDLE:
-            return self.role.handle(message) or b""
+            ack = self.role.handle(message) or b""
+            self._top_up()
+            return ack
         if self.role.state is State.ERROR:
             raise RemoteProtocolError("the session already failed", status_hint=409)
         try:
             inner = decode_batch(message)
         except RemoteProtocolError as exc:
+            self._cancel_own()
             self.role.fail(exc)
-        steps = [self.role.receive(m) for m in inner]
+        try:
+            steps = []
+            for m in inner:
+                self._use_own(m)
+                steps.append(self.role.receive(m))
+        except RemoteProtocolError:
+            self._cancel_own()
+            raise
         futures = [(s, _submit(self._pool, s)) for s in steps]
+        self._seen += len(steps)
+        self._top_up()
         replies: list[bytes] = []
         for step, fut in futures:
             try:
@@ -265,6 +383,7 @@ class PsiSessionResponder:
             except RemoteProtocolError as exc:
                 for _, f in futures:
                     f.cancel()
+                self._cancel_own()
                 self.role.fail(exc)
             reply = self.role.complete(step, output)
             if reply is not None:

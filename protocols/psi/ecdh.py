@@ -116,18 +116,33 @@ def split_points(points: bytes) -> list[bytes]:
     return [points[i : i + POINT_BYTES] for i in range(0, len(points), POINT_BYTES)]
 
 
+def random_permutation(n: int) -> np.ndarray:
+    """A uniformly random permutation of ``range(n)`` from the OS CSPRNG.
+
+    Sorts ``n`` random 64-bit keys from :func:`os.urandom` (ties, probability about
+    ``n^2 / 2^65``, keep index order); vectorised, no per-row Python work.
+    """
+    keys = np.frombuffer(os.urandom(8 * n), dtype=np.uint64)
+    return np.argsort(keys, kind="stable")
+
+
 def shuffle_packed(
     points: bytes, rng: secrets.SystemRandom | None = None
 ) -> tuple[bytes, list[int]]:
     """Uniformly shuffle rows; return the shuffled rows and the permutation used.
 
-    ``perm[j]`` is the original row index now at position ``j``.
+    ``perm[j]`` is the original row index now at position ``j``. With ``rng`` the
+    permutation comes from it (slow path, per row); otherwise from :func:`random_permutation`.
     """
     n = len(points) // POINT_BYTES
-    perm = list(range(n))
-    (rng or secrets.SystemRandom()).shuffle(perm)
-    rows = split_points(points)
-    return b"".join([rows[j] for j in perm]), perm
+    if rng is not None:
+        order = list(range(n))
+        rng.shuffle(order)
+        rows = split_points(points)
+        return b"".join([rows[j] for j in order]), order
+    perm = random_permutation(n)
+    arr = np.frombuffer(points, dtype=np.uint8).reshape(n, POINT_BYTES)
+    return arr[perm].tobytes(), perm.tolist()
 
 
 def random_nonce() -> bytes:
@@ -142,19 +157,33 @@ def requester_blind_job(scalar: bytes, dst: bytes, items: Sequence[bytes]) -> by
     return encrypt_items(scalar, dst, items)
 
 
-def responder_bucket_job(
-    scalar: bytes, dst: bytes, own_items: Sequence[bytes], peer_points: bytes, shuffle_peer: bool
-) -> tuple[bytes, bytes, list[int]]:
-    """Responder, round 4: returns (``b·aH(x)`` maybe shuffled, ``b·H(y)`` shuffled, own perm).
+def responder_own_job(scalar: bytes, dst: bytes, own_items: Sequence[bytes]
+                      ) -> tuple[bytes, list[int]]:
+    """Responder, round 4, own half: ``b·H(y)`` shuffled, and the permutation used.
 
-    ``own perm`` says which own item sits at each position of the shuffled list, so the
-    responder can attach its labels in the same order.
+    Needs nothing from the requester, so a responder can run it ahead of the request.
+    ``perm[j]`` says which own item sits at position ``j``, so the responder can attach its
+    labels in the same order.
     """
+    return shuffle_packed(encrypt_items(scalar, dst, own_items))
+
+
+def responder_reblind_job(scalar: bytes, peer_points: bytes, shuffle_peer: bool) -> bytes:
+    """Responder, round 4, peer half: ``b·aH(x)``, shuffled in cardinality mode."""
     check_points(peer_points)
     double = scalarmult_packed(scalar, peer_points)
     if shuffle_peer:
         double, _ = shuffle_packed(double)
-    own, perm = shuffle_packed(encrypt_items(scalar, dst, own_items))
+    return double
+
+
+def responder_bucket_job(
+    scalar: bytes, dst: bytes, own_items: Sequence[bytes], peer_points: bytes, shuffle_peer: bool
+) -> tuple[bytes, bytes, list[int]]:
+    """Responder, round 4, both halves: (``b·aH(x)`` maybe shuffled, ``b·H(y)`` shuffled,
+    own perm)."""
+    double = responder_reblind_job(scalar, peer_points, shuffle_peer)
+    own, perm = responder_own_job(scalar, dst, own_items)
     return double, own, perm
 
 

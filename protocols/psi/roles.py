@@ -17,7 +17,10 @@ Two ways to drive it:
   ``output = step.job.run()`` (pure, picklable, in any process), then
   ``role.complete(step, output) -> reply | None``. The requester's outgoing bucket
   requests are steps too: ``role.prepare_request(bucket)``. If ``job.run()`` raises
-  :class:`RemoteProtocolError`, pass it to ``role.fail(exc)``.
+  :class:`RemoteProtocolError`, pass it to ``role.fail(exc)``. The responder's own half
+  of a bucket can run ahead of its REQUEST: ``job = role.own_job(bucket)``, then
+  ``role.provide_own(bucket, job.run())``; the REQUEST's step then carries only the
+  re-blinding of the requester's points (:class:`ReblindJob`).
 
 Steps for different buckets may complete in any order; a bucket is accepted once.
 Role objects are not thread-safe: one thread drives one object. Items are the normalised
@@ -81,6 +84,34 @@ class AnswerJob:
 
 
 @dataclass(frozen=True)
+class OwnJob:
+    """Responder: blind and shuffle its own bucket (round 4, own half). Needs nothing from
+    the requester, so a driver may run it before the bucket's REQUEST arrives."""
+
+    bucket: int
+    scalar: bytes = field(repr=False)
+    dst: bytes
+    own_items: tuple[bytes, ...] = field(repr=False)
+
+    def run(self) -> tuple[bytes, list[int]]:
+        return ecdh.responder_own_job(self.scalar, self.dst, self.own_items)
+
+
+@dataclass(frozen=True)
+class ReblindJob:
+    """Responder: re-blind the requester's points (round 4, peer half) when the own half
+    was already provided with :meth:`PsiResponder.provide_own`."""
+
+    bucket: int
+    scalar: bytes = field(repr=False)
+    peer_points: bytes = field(repr=False)
+    shuffle_peer: bool
+
+    def run(self) -> bytes:
+        return ecdh.responder_reblind_job(self.scalar, self.peer_points, self.shuffle_peer)
+
+
+@dataclass(frozen=True)
 class FinishJob:
     """Requester: re-blind the responder's points and find equal pairs (after round 4).
 
@@ -111,7 +142,7 @@ class Step:
 
     event: Event
     bucket: int
-    job: BlindJob | AnswerJob | FinishJob | None
+    job: BlindJob | AnswerJob | ReblindJob | FinishJob | None
     reply: bytes | None = None
     labels: bytes = b""
 
@@ -496,6 +527,8 @@ class PsiResponder(_Role):
         self._accepted: set[int] = set()
         self._answered: set[int] = set()
         self._their_sizes: list[int] = []
+        self._own_started: set[int] = set()
+        self._own: dict[int, tuple[bytes, list[int]]] = {}
 
     def start(self) -> None:
         """The responder waits for HELLO; nothing to send."""
@@ -543,8 +576,13 @@ class PsiResponder(_Role):
                 self.fail(exc)
             self._accepted.add(b)
             self._their_sizes[b] = msg.count
-            job = AnswerJob(b, self._scalar, self._dst, tuple(self._buckets[b]), msg.points,
-                            shuffle_peer=self.mode is Mode.CARDINALITY)
+            shuffle = self.mode is Mode.CARDINALITY
+            job: AnswerJob | ReblindJob
+            if b in self._own:
+                job = ReblindJob(b, self._scalar, msg.points, shuffle_peer=shuffle)
+            else:
+                job = AnswerJob(b, self._scalar, self._dst, tuple(self._buckets[b]), msg.points,
+                                shuffle_peer=shuffle)
             return Step(Event.RECV_REQUEST, b, job)
         self._remote(f"a responder does not accept {type(msg).__name__}", 409)
 
@@ -554,9 +592,16 @@ class PsiResponder(_Role):
         b = step.bucket
         if b in self._answered or b not in self._accepted:
             raise LocalProtocolError(f"bucket {b} is not awaiting an answer")
-        if not (isinstance(output, tuple) and len(output) == 3):
+        if isinstance(step.job, ReblindJob):
+            if not isinstance(output, bytes) or b not in self._own:
+                raise LocalProtocolError("re-blind job output must be bytes, own half provided")
+            double = output
+            own, perm = self._own.pop(b)
+        elif isinstance(output, tuple) and len(output) == 3:
+            double, own, perm = output
+            self._own.pop(b, None)
+        else:
             raise LocalProtocolError("answer job output must be (peer, own, permutation)")
-        double, own, perm = output
         labels = b""
         ll = 0
         if self._send_labels:
@@ -569,6 +614,32 @@ class PsiResponder(_Role):
         if len(self._answered) == self.bucket_count:
             self._move(Event.LAST_BUCKET, remote=False)
         return reply
+
+    def awaits_own(self, bucket: int) -> bool:
+        """Whether :meth:`own_job` may still be called for ``bucket``."""
+        return (self._state is State.EXCHANGING and 0 <= bucket < self.bucket_count
+                and bucket not in self._own_started and bucket not in self._accepted)
+
+    def own_job(self, bucket: int) -> OwnJob:
+        """The own half of ``bucket``'s answer, to run before its REQUEST arrives."""
+        if self._state is not State.EXCHANGING:
+            raise LocalProtocolError(f"no own jobs in state {self._state.value}")
+        if not 0 <= bucket < self.bucket_count:
+            raise LocalProtocolError(f"bucket {bucket} outside 0..{self.bucket_count - 1}")
+        if bucket in self._own_started or bucket in self._accepted:
+            raise LocalProtocolError(f"bucket {bucket} already has its own half")
+        self._own_started.add(bucket)
+        return OwnJob(bucket, self._scalar, self._dst, tuple(self._buckets[bucket]))
+
+    def provide_own(self, bucket: int, output: object) -> None:
+        """Store the output of :meth:`own_job` until the bucket's REQUEST is answered."""
+        if bucket not in self._own_started or bucket in self._own or bucket in self._accepted:
+            raise LocalProtocolError(f"bucket {bucket} is not awaiting its own half")
+        n = len(self._buckets[bucket])
+        if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], bytes)
+                and len(output[0]) == 32 * n and len(output[1]) == n):
+            raise LocalProtocolError("own job output must be (points, permutation) of the bucket")
+        self._own[bucket] = (output[0], list(output[1]))
 
     @property
     def result(self) -> ResponderResult:
