@@ -271,9 +271,20 @@ def _tls_table(args: argparse.Namespace, media_dir: Path) -> None:
           f"{report.buckets:,} buckets, smallest {report.min_bucket}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: float,
-                min_anon: int, seed: int) -> list[float]:
-    """One load-generator process: ``threads`` closed-loop clients; latencies in s."""
+                min_anon: int, seed: int) -> tuple[list[float], float, int]:
+    """One load-generator process: ``threads`` closed-loop clients; latencies in s, and
+    this process's CPU seconds per finished lookup and the number of finished lookups
+    (whole run, warm-up included)."""
     import random
     import threading
 
@@ -284,6 +295,8 @@ def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: f
     out: list[float] = []
     lock = threading.Lock()
     start = time.perf_counter()
+    cpu0 = time.process_time()
+    done = [0]
 
     def client(k: int) -> None:
         rnd = random.Random(seed * 1000 + k)
@@ -299,6 +312,8 @@ def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: f
                 assert len(got) == 1
                 if t0 - start >= warmup and t1 - start <= warmup + seconds:
                     mine.append(t1 - t0)
+                with lock:
+                    done[0] += 1
         with lock:
             out.extend(mine)
 
@@ -307,7 +322,7 @@ def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: f
         w.start()
     for w in workers:
         w.join()
-    return out
+    return out, (time.process_time() - cpu0) / max(1, done[0]), done[0]
 
 
 def _tls_batch_chunk(ids: list[bytes]) -> int:
@@ -337,11 +352,18 @@ def section_tls(args: argparse.Namespace, state: dict[str, object]) -> None:
         for conc in [int(c) for c in args.clients.split(",") if c]:
             procs = max(1, min(args.client_processes, conc))
             per = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
+            node_pid = media.proc.pid if media.proc is not None else -1
             with ProcessPoolExecutor(procs, mp_context=mp) as pool:
+                list(pool.map(_tls_batch_chunk, [[b"x"]] * procs))  # workers up before timing
+                cpu0, w0 = _cpu_seconds(node_pid), time.perf_counter()
                 futs = [pool.submit(_tls_worker, str(oem_dir), args.tls_keys, n,
                                     args.tls_seconds, args.tls_warmup, min_anon, i)
                         for i, n in enumerate(per)]
-                lat = sorted(x for f in futs for x in f.result())
+                results = [f.result() for f in futs]
+                node_cpu = _cpu_seconds(node_pid) - cpu0
+                wall = time.perf_counter() - w0
+                lat = sorted(x for r in results for x in r[0])
+                client_cpu = statistics.fmean(r[1] for r in results)
             if not lat:
                 print(f"[tls] {conc:>2} clients: no lookup finished in the window")
                 continue
@@ -353,6 +375,11 @@ def section_tls(args: argparse.Namespace, state: dict[str, object]) -> None:
                   f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean {mean * 1e3:.1f} ms; "
                   f"Little: throughput x mean latency = {rate * mean:.1f} "
                   f"(concurrency {conc})")
+            total = max(1, sum(r[2] for r in results))
+            print(f"[tls] {conc:>2} clients: CPU per lookup: node {node_cpu / total * 1e3:.2f} ms "
+                  f"(node busy {node_cpu / wall:.0%} of one core), load generator "
+                  f"{client_cpu * 1e3:.2f} ms; {os.cpu_count()} cores shared cap at about "
+                  f"{(os.cpu_count() or 1) / (node_cpu / total + client_cpu):,.0f} lookups/s")
         n = args.tls_batch_leads
         leads = [_tls_item((i * 7919) % args.tls_keys) for i in range(n)]
         t = time.perf_counter()

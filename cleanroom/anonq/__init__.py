@@ -10,6 +10,9 @@
   (publish a table).
 - :mod:`cleanroom.anonq.guard`: who may query which table under the node's policy, the
   per-partner rate limit and evaluation budget, and the ledger recording of sessions.
+- :mod:`cleanroom.anonq.lifecycle`: the same sessions run through a joint query's
+  session channel (the ``store_recommendation`` query type): the owner's role object as
+  a lifecycle responder, the querier's download, batch and real-time drivers;
 - :mod:`cleanroom.anonq.client`: the querier (the OEM): real-time and batch lookups,
   fetching public columns, publishing through the operator API, and the
   ``store_recommendation`` pipeline.

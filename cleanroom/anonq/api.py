@@ -15,8 +15,11 @@ truncated, oversized, replayed or wrong-round message gets the 4xx its
 :class:`~protocols.errors.RemoteProtocolError` hints; policy refusals name the rule.
 A real-time session's owner object waits (at most ``SESSION_TTL`` seconds) between its
 EVAL and BUCKET requests. Every session is recorded in this node's ledger (digests and
-sizes only). Evaluation runs in worker threads (X25519 releases the GIL), split in two
-for large requests.
+sizes only) through the group-commit recorder, awaited on the event loop; a session's
+opening entries are durable before the reply that lets the querier open labels (see
+docs/protocols/anonymous-query.md, "Durability rule"). Evaluation of up to
+``INLINE_EVAL_MAX`` points runs on the event loop (a thread hop costs more), larger ones
+in worker threads (X25519 releases the GIL), split in two for large requests.
 
 Operator endpoints::
 
@@ -41,6 +44,7 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,8 +68,9 @@ from cleanroom.node.deps import (
     OperatorAuth,
     body_limit,
 )
+from cleanroom.policy import Policy
 from protocols.errors import RemoteProtocolError
-from protocols.labeled_psi import AnonymousQueryOwner, Mode, oprf
+from protocols.labeled_psi import AnonymousQueryOwner, EvaluationBudget, Mode, oprf
 from protocols.labeled_psi.messages import (
     MAGIC,
     VERSION,
@@ -87,6 +92,7 @@ SESSION_TTL = 120.0
 SWEEP_SECONDS = 10.0
 MAX_OPEN_SESSIONS = 20_000
 PARALLEL_EVAL_MIN = 2048
+INLINE_EVAL_MAX = 8  # up to this many points: evaluate on the event loop (no thread hop)
 STREAM_CHUNK = 1 << 20
 TRANSCRIPT_ENV = "CLEANROOM_ANONQ_TRANSCRIPT"
 OCTET = "application/octet-stream"
@@ -102,7 +108,8 @@ class _Session:
     created: float
     bytes_in: int
     bytes_out: int
-    pending: list[Event]
+    pending: list[Event]  # entries not yet submitted (the eval response's)
+    opening: Future[None]  # the session's opening entries, submitted at its EVAL
 
 
 @dataclass
@@ -179,6 +186,23 @@ def state_of(ctx: NodeContext) -> _State:
     return st
 
 
+def lifecycle_source(ctx: NodeContext, name: str,
+                     peer: str) -> tuple[tables.ServingSource, EvaluationBudget]:
+    """Table ``name`` as this node serves it and ``peer``'s evaluation budget for it: the
+    same objects the peer endpoints use, for labeled-PSI sessions run through the query
+    lifecycle (:mod:`cleanroom.anonq.lifecycle`). Raises :class:`tables.TableError`."""
+    st = _states.get(id(ctx))
+    if st is None:
+        raise tables.TableError("the anonymous-query service is not running on this node")
+    tables.check_table_name(name)
+    src = st.sources.get(name)
+    if src is None:
+        st.reload(name)  # published since startup by another process, or never: TableError
+        src = st.sources[name]
+    budget = st.budgets.get(guard.node_policy(ctx), name, peer, src.meta.evaluation_budget)
+    return src, budget
+
+
 async def on_startup(ctx: NodeContext) -> None:
     st = _State(ctx=ctx, recorder=guard.SessionRecorder(ctx))
     hook = os.environ.get(TRANSCRIPT_ENV)
@@ -222,22 +246,26 @@ def _protocol(request: Request, exc: RemoteProtocolError) -> JSONResponse:
     return _error(request, status, "protocol_error", str(exc))
 
 
-def _admit(st: _State, peer: PeerConfig, name: str, *, charge: bool) -> tables.ServingSource:
+def _admit(st: _State, peer: PeerConfig, name: str, *, charge: bool,
+           policy: Policy | None = None) -> tables.ServingSource:
     src = st.source(name)
-    policy = guard.node_policy(st.ctx)
+    policy = guard.node_policy(st.ctx) if policy is None else policy
     guard.check_partner(policy, peer.name, src.meta.query_type)
     if charge:
         st.limiter.charge(policy, peer.name)
     return src
 
 
-def _budget(st: _State, peer: PeerConfig, src: tables.ServingSource) -> Any:
-    policy = guard.node_policy(st.ctx)
+def _budget(st: _State, peer: PeerConfig, src: tables.ServingSource,
+            policy: Policy | None = None) -> Any:
+    policy = guard.node_policy(st.ctx) if policy is None else policy
     return st.budgets.get(policy, src.meta.name, peer.name, src.meta.evaluation_budget)
 
 
 async def _evaluate(key: bytes, points: bytes) -> bytes:
     n = len(points) // 32
+    if n <= INLINE_EVAL_MAX:  # ~50 us per point: cheaper than handing it to a thread
+        return oprf.evaluate_job(key, points)
     if n < PARALLEL_EVAL_MIN:
         return await asyncio.to_thread(oprf.evaluate_job, key, points)
     half = (n // 2) * 32
@@ -333,7 +361,7 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
                                     "outcome": "ok", "messages_sent": 1,
                                     "bytes_sent": len(data)}),
         ]
-        await run_in_threadpool(st.recorder.record, events)
+        await st.recorder.record_async(events)
         return Response(data, media_type=ARROW_STREAM,
                         headers={"X-Dataset-Version": str(info.version)})
 
@@ -360,8 +388,9 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
     async def evaluate(name: str, request: Request, caller: CurrentPeer,
                        ctx: NodeContextDep) -> Response:
         st = state_of(ctx)
+        policy = guard.node_policy(ctx)
         try:
-            src = _admit(st, caller, name, charge=True)
+            src = _admit(st, caller, name, charge=True, policy=policy)
         except guard.Refused as exc:
             return _refused(request, exc)
         body = await request.body()
@@ -378,36 +407,48 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
             return _protocol(request, exc)
         label = guard.session_label(msg.session_id)
         role = AnonymousQueryOwner(src, querier_id=caller.name, session_id=msg.session_id,
-                                   budget=_budget(st, caller, src), max_points=MAX_POINTS,
+                                   budget=_budget(st, caller, src, policy),
+                                   max_points=MAX_POINTS,
                                    allowed_modes=frozenset({Mode.BATCH, Mode.REALTIME}))
         try:
             step = role.receive(body)
             assert step.job is not None
-            try:
-                output = await _evaluate(src.key, msg.points)
-            except RemoteProtocolError as exc:
-                role.fail(exc)
-            reply = role.complete(step, output)
-            assert reply is not None
-            events = [guard.started(qid, label, caller.name),
-                      *guard.message_events(qid, label, caller.name, ("eval_request", body),
-                                            ("eval_response", reply))]
-            if msg.mode is Mode.REALTIME:
-                # One ledger batch per real-time session: these entries are written with
-                # the bucket request's (or, if it never comes, when the session expires).
-                st.put_session(caller.name, msg.session_id, _Session(
-                    role, qid, label, name, time.monotonic(), len(body), len(reply), events))
         except RemoteProtocolError as exc:
             await _record_failed(st, qid, label, caller.name, "eval_request", body)
             return _protocol(request, exc)
         except guard.Refused as exc:
             await _record_failed(st, qid, label, caller.name, "eval_request", body)
             return _refused(request, exc)
+        # The session's opening entries go to the group commit now, so the commit runs
+        # while the points are evaluated (durability rule: docs/protocols/anonymous-query.md).
+        opening = st.recorder.submit([
+            guard.started(qid, label, caller.name),
+            *guard.message_events(qid, label, caller.name, ("eval_request", body), None)])
+        try:
+            try:
+                output = await _evaluate(src.key, msg.points)
+            except RemoteProtocolError as exc:
+                role.fail(exc)
+            reply = role.complete(step, output)
+            assert reply is not None
+            sent = guard.message_events(qid, label, caller.name, None, ("eval_response", reply))
+            if msg.mode is Mode.REALTIME:
+                # The bucket request closes the session (or, if it never comes, its expiry).
+                st.put_session(caller.name, msg.session_id, _Session(
+                    role, qid, label, name, time.monotonic(), len(body), len(reply), sent,
+                    opening))
+        except (RemoteProtocolError, guard.Refused) as exc:
+            await _record_failed(st, qid, label, caller.name, "eval_request", body,
+                                 started=False, received=False)
+            return (_protocol(request, exc) if isinstance(exc, RemoteProtocolError)
+                    else _refused(request, exc))
         if msg.mode is not Mode.BATCH:
             return Response(reply, media_type=OCTET)
-        events.append(guard.ended(qid, label, caller.name, "ok", received=1, sent=1,
-                                  bytes_received=len(body), bytes_sent=len(reply)))
-        await run_in_threadpool(st.recorder.record, events)
+        # Batch: the querier holds the table, so this reply opens labels: it waits until
+        # the session's opening entries are durable; its closing entries follow them.
+        await _closing(st, opening, [*sent, guard.ended(
+            qid, label, caller.name, "ok", received=1, sent=1, bytes_received=len(body),
+            bytes_sent=len(reply))])
         return Response(reply, media_type=OCTET)
 
     @peer_router.post("/anonq/tables/{name}/buckets", summary="Buckets of a real-time session")
@@ -446,15 +487,16 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
             await _record_failed(st, qid, session.label, caller.name, "bucket_request", body,
                                  started=False)
             return _protocol(request, exc)
-        events = [
+        # The bucket opens labels: the session's opening entries (submitted at its EVAL,
+        # usually durable by now) must be durable first; the rest follows them.
+        await _closing(st, session.opening, [
             *session.pending,
             *guard.message_events(qid, session.label, caller.name, ("bucket_request", body),
                                   ("bucket_response", reply)),
             guard.ended(qid, session.label, caller.name, "ok", received=2, sent=2,
                         bytes_received=session.bytes_in + len(body),
                         bytes_sent=session.bytes_out + len(reply)),
-        ]
-        await run_in_threadpool(st.recorder.record, events)
+        ])
         return Response(reply, media_type=OCTET)
 
     @peer_router.get("/anonq/tables/{name}/download",
@@ -497,7 +539,7 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
                                              None)]
         if blob is not None:
             reply = _table_response_header(msg.session_id, len(blob)) + blob
-            await run_in_threadpool(st.recorder.record, [
+            await st.recorder.record_async([
                 *head_events,
                 *guard.message_events(qid, label, caller.name, None, ("table_delta", reply)),
                 guard.ended(qid, label, caller.name, "ok", received=1, sent=1,
@@ -506,7 +548,7 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
         path = src.folder / f"v{cur.version:08d}.table"
         f = path.open("rb")  # held open: a later version may replace the name meanwhile
         size = os.fstat(f.fileno()).st_size
-        await run_in_threadpool(st.recorder.record, head_events)
+        await st.recorder.record_async(head_events)
         header = _table_response_header(msg.session_id, size)
         peer_name = caller.name
 
@@ -540,7 +582,7 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
                                           bytes_received=len(body), bytes_sent=sent))
                 try:
                     # Shielded: a disconnect cancels this generator, not the ledger write.
-                    await asyncio.shield(asyncio.to_thread(st.recorder.record, events))
+                    await asyncio.shield(st.recorder.record_async(events))
                 except CleanroomError as exc:
                     log.error("download session not recorded: %s", exc)
 
@@ -581,13 +623,31 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
     return [peer_router, operator]
 
 
+async def _closing(st: _State, opening: Future[None], events: list[Event]) -> None:
+    """Wait until a session's opening entries are durable, then queue its closing
+    ``events`` behind them; wait for those too only when the recorder is backlogged."""
+    await guard.durable(opening)
+    closing = st.recorder.submit(events)
+    if st.recorder.backlogged:
+        await guard.durable(closing)
+    else:
+        closing.add_done_callback(_log_unrecorded)
+
+
+def _log_unrecorded(fut: Future[None]) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.error("closing entries of a session not recorded: %s", exc)
+
+
 async def _record_failed(st: _State, qid: str, label: str, peer: str, round_name: str,
-                         body: bytes, *, started: bool = True) -> None:
+                         body: bytes, *, started: bool = True, received: bool = True) -> None:
     events: list[Event] = [guard.started(qid, label, peer)] if started else []
-    events += guard.message_events(qid, label, peer, (round_name, body), None)
+    if received:
+        events += guard.message_events(qid, label, peer, (round_name, body), None)
     events.append(guard.ended(qid, label, peer, "failed", received=1,
                               bytes_received=len(body)))
     try:
-        await run_in_threadpool(st.recorder.record, events)
+        await st.recorder.record_async(events)
     except CleanroomError as exc:
         log.error("failed session not recorded: %s", exc)

@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ RESULTS_SUBDIR = "results"
 DEFAULT_SESSION_SIZE = 1024
 DEFAULT_BATCH_CHUNK = 8192
 POOL_MIN_IDENTIFIERS = 20_000
+DEFAULT_IN_FLIGHT = 2
 MAX_TABLE_BYTES = 1 << 34
 
 
@@ -171,13 +172,7 @@ def sync_table(ctx: NodeContext, peer: str, table: str, *, query_id: str | None 
 
     The copy is cached (written atomically) under ``DATA_DIR/anonq/remote/<peer>/``.
     """
-    path = _remote_path(ctx, peer, table)
-    have: Table | None = None
-    if path.is_file():
-        try:
-            have = Table.from_bytes(path.read_bytes(), max_entries=1 << 31)
-        except RemoteProtocolError:
-            have = None  # a damaged cache: download the whole table
+    have = cached_table(ctx, peer, table)
     pc, own = _peer_client(ctx, peer, client, max_response_bytes=MAX_TABLE_BYTES,
                            timeout=600.0)
     try:
@@ -193,19 +188,36 @@ def sync_table(ctx: NodeContext, peer: str, table: str, *, query_id: str | None 
         if own:
             pc.close()
     if have is None or fresh.version != have.version or fresh.table_id != have.table_id:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(fresh.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        save_cached_table(ctx, peer, table, fresh)
     return fresh
+
+
+def cached_table(ctx: NodeContext, peer: str, table: str) -> Table | None:
+    """The copy of ``peer``'s table cached at this node, or ``None`` (none, or damaged)."""
+    path = _remote_path(ctx, peer, table)
+    if not path.is_file():
+        return None
+    try:
+        return Table.from_bytes(path.read_bytes(), max_entries=1 << 31)
+    except (OSError, RemoteProtocolError):
+        return None  # a damaged cache: the caller downloads the whole table
+
+
+def save_cached_table(ctx: NodeContext, peer: str, table: str, fresh: Table) -> None:
+    """Cache ``fresh`` as this node's copy of ``peer``'s table (atomically)."""
+    path = _remote_path(ctx, peer, table)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(fresh.to_bytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _run_job(job: Any) -> Any:
@@ -224,12 +236,15 @@ def lookup_batch(
     query_id: str | None = None,
     client: PeerClient | None = None,
     executor: Executor | None = None,
+    in_flight: int = DEFAULT_IN_FLIGHT,
 ) -> dict[int, bytes]:
     """Labels of ``identifiers`` in batch mode (position -> label, present ones only).
 
     ``local`` is a table already downloaded (default: :func:`sync_table`). Sessions of
     ``chunk`` identifiers; with more than ``POOL_MIN_IDENTIFIERS`` identifiers the
-    blinding and unblinding jobs run in ``processes`` worker processes (or ``executor``).
+    blinding and unblinding jobs run in ``processes`` worker processes (or ``executor``)
+    and up to ``in_flight`` evaluation requests are outstanding at once (each on its own
+    keep-alive connection), so the owner evaluates one session while the next is sent.
     """
     pc, own = _peer_client(ctx, peer, client)
     pool: ProcessPoolExecutor | None = None
@@ -253,12 +268,18 @@ def lookup_batch(
                     for start, stop in _chunks(len(identifiers), chunk)]
         steps = [q.prepare_start() for _, q in sessions]
         blinded = [executor.submit(run, s.job) for s in steps]
-        unblind: list[tuple[int, AnonymousQuerier, Any, Any]] = []
-        for (start, q), step, fut in zip(sessions, steps, blinded, strict=True):
+        pool_exec = executor
+
+        def send(start: int, q: AnonymousQuerier, step: Any,
+                 fut: Any) -> tuple[int, AnonymousQuerier, Any, Any]:
             msg = q.complete(step, fut.result())
             assert msg is not None
             rstep = q.receive(_post(pc, path, msg, query_id))
-            unblind.append((start, q, rstep, executor.submit(run, rstep.job)))
+            return start, q, rstep, pool_exec.submit(run, rstep.job)
+
+        with ThreadPoolExecutor(max(1, in_flight), thread_name_prefix="anonq-eval") as senders:
+            unblind = list(senders.map(send, [s for s, _ in sessions],
+                                       [q for _, q in sessions], steps, blinded))
         for start, q, rstep, fut in unblind:
             try:
                 q.complete(rstep, fut.result())

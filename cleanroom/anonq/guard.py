@@ -15,20 +15,27 @@ At the owner's node, before any protocol work:
 :class:`SessionRecorder` writes every session to the owner's ledger through
 :func:`cleanroom.node.audit.record`: ``session_started``, one ``message_received`` /
 ``message_sent`` per protocol message (round name, SHA-256 digest, size) and
-``session_ended``. Requests that arrive together are committed together (group commit),
-and a request is answered only after its entries are durable. Entries hold ids,
-digests, sizes and counts only: never identifiers, points, tags or labels.
+``session_ended``. Entries queued while a commit runs go in the next single atomic
+commit (group commit, submission order kept); :meth:`SessionRecorder.submit` returns a
+future that resolves once a batch is durable, and the endpoints decide which replies
+wait for it (a session's opening entries before the reply that lets the querier open
+labels; see docs/protocols/anonymous-query.md, "Durability rule"). Entries hold ids,
+digests, sizes and counts only: never identifiers, points, tags or labels; this module
+must not log entry contents.
 Counters live in memory: a node restart starts new windows.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +47,8 @@ from protocols.labeled_psi import EvaluationBudget
 
 ALLOWED_QUERY_TYPES = ("store_recommendation", "lead_score")
 DEFAULT_WINDOW_HOURS = 24.0
+MAX_BACKLOG_EVENTS = 20_000
+MAX_BATCH_EVENTS = 5_000
 log = logging.getLogger("cleanroom.anonq")
 
 
@@ -180,69 +189,142 @@ def query_label(given: str | None) -> str:
 @dataclass
 class _Pending:
     events: list[Event]
-    done: threading.Event
-    error: BaseException | None = None
+    future: Future[None]
 
 
 class SessionRecorder:
-    """Group commit of session entries into the node's ledger (one writer thread)."""
+    """Group commit of session entries into the node's ledger (one writer thread).
 
-    def __init__(self, ctx: NodeContext) -> None:
-        self.ctx = ctx
+    :meth:`submit` queues one atomic batch of entries and returns a future that resolves
+    once they are durable (the writer's commit returned) or fails with
+    :class:`CleanroomError`. The writer thread takes everything queued, appends it in one
+    atomic durable commit (at most ``max_batch_events`` entries per commit; a submitted
+    batch is never split) and resolves the futures; if that commit fails, it retries the
+    batches one by one so one bad batch does not fail the others. Batches reach the ledger
+    in submission order. :meth:`close` writes everything still queued, then stops.
+
+    Crash semantics: a future that resolved means its entries are in the ledger; entries
+    whose future had not resolved when the process died may be missing, never partly
+    written. ``backlog`` counts queued entries; callers that do not wait for their
+    entries should wait anyway when :attr:`backlogged` (bounded loss on a crash).
+    """
+
+    def __init__(self, ctx: NodeContext | None = None, *,
+                 writer: Callable[[Sequence[Event]], object] | None = None,
+                 max_backlog: int = MAX_BACKLOG_EVENTS,
+                 max_batch_events: int = MAX_BATCH_EVENTS) -> None:
+        if writer is None:
+            if ctx is None:
+                raise ValueError("SessionRecorder needs a node context or a writer")
+            node = ctx
+
+            def writer(events: Sequence[Event]) -> object:
+                from cleanroom.node.audit import record
+
+                return record(node, *events)
+
+        self._write = writer
+        self.max_backlog = max_backlog
+        self.max_batch_events = max_batch_events
         self._lock = threading.Condition()
-        self._queue: list[_Pending] = []
+        self._queue: deque[_Pending] = deque()
+        self._backlog = 0
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="anonq-ledger", daemon=True)
         self._thread.start()
 
-    def record(self, events: Sequence[Event], timeout: float = 30.0) -> None:
-        """Append ``events`` atomically; return once they are durable (raise otherwise)."""
-        item = _Pending(list(events), threading.Event())
+    @property
+    def backlog(self) -> int:
+        """Entries queued and not yet durable."""
+        return self._backlog
+
+    @property
+    def backlogged(self) -> bool:
+        return self._backlog > self.max_backlog
+
+    def submit(self, events: Sequence[Event]) -> Future[None]:
+        """Queue ``events`` as one atomic batch; the future resolves once they are durable."""
+        fut: Future[None] = Future()
+        fut.set_running_or_notify_cancel()  # cannot be cancelled: it resolves when written
+        item = _Pending(list(events), fut)
         with self._lock:
             if self._stop:
-                raise CleanroomError("the ledger recorder is stopped")
+                fut.set_exception(CleanroomError("the ledger recorder is stopped"))
+                return fut
             self._queue.append(item)
+            self._backlog += len(item.events)
             self._lock.notify()
-        if not item.done.wait(timeout):
-            raise CleanroomError("the ledger did not record the session in time")
-        if item.error is not None:
-            raise CleanroomError(f"the ledger refused the session entries: {item.error}")
+        return fut
 
-    def submit(self, events: Sequence[Event]) -> None:
-        """Queue ``events`` without waiting (for bookkeeping such as expired sessions)."""
+    def record(self, events: Sequence[Event], timeout: float = 30.0) -> None:
+        """Append ``events`` atomically; return once they are durable (raise otherwise)."""
+        wait_durable(self.submit(events), timeout)
+
+    async def record_async(self, events: Sequence[Event]) -> None:
+        """:meth:`record` for the event loop: no worker thread waits meanwhile."""
+        await durable(self.submit(events))
+
+    def _take(self) -> list[_Pending] | None:
         with self._lock:
-            if not self._stop:
-                self._queue.append(_Pending(list(events), threading.Event()))
-                self._lock.notify()
+            while not self._queue and not self._stop:
+                self._lock.wait()
+            if not self._queue:
+                return None  # stopped and drained
+            batch = [self._queue.popleft()]
+            n = len(batch[0].events)
+            while self._queue and n + len(self._queue[0].events) <= self.max_batch_events:
+                item = self._queue.popleft()
+                n += len(item.events)
+                batch.append(item)
+            return batch
 
     def _run(self) -> None:
-        from cleanroom.node.audit import record
-
         while True:
-            with self._lock:
-                while not self._queue and not self._stop:
-                    self._lock.wait()
-                batch, self._queue = self._queue, []
-                if not batch and self._stop:
-                    return
+            batch = self._take()
+            if batch is None:
+                return
+            errors: list[BaseException | None] = [None] * len(batch)
             try:
-                record(self.ctx, *[e for item in batch for e in item.events])
+                self._write([e for item in batch for e in item.events])
             except Exception as exc:  # one bad batch: retry its items one by one
-                log.warning("ledger batch of %d session(s) failed; retrying singly: %s",
-                            len(batch), type(exc).__name__)
-                for item in batch:
-                    try:
-                        record(self.ctx, *item.events)
-                    except Exception as one:
-                        item.error = one
-            for item in batch:
-                item.done.set()
+                if len(batch) == 1:
+                    errors[0] = exc
+                else:
+                    log.warning("ledger batch of %d session(s) failed; retrying singly: %s",
+                                len(batch), type(exc).__name__)
+                    for i, item in enumerate(batch):
+                        try:
+                            self._write(item.events)
+                        except Exception as one:
+                            errors[i] = one
+            with self._lock:
+                self._backlog -= sum(len(item.events) for item in batch)
+            for item, err in zip(batch, errors, strict=True):
+                if err is None:
+                    item.future.set_result(None)
+                else:
+                    item.future.set_exception(
+                        CleanroomError(f"the ledger refused the session entries: {err}"))
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Write everything queued, then stop (later :meth:`submit` calls fail)."""
         with self._lock:
             self._stop = True
             self._lock.notify()
-        self._thread.join(10.0)
+        self._thread.join(timeout)
+
+
+def wait_durable(fut: Future[None], timeout: float = 30.0) -> None:
+    """Block until a :meth:`SessionRecorder.submit` future resolves; raise if it failed."""
+    try:
+        fut.result(timeout)
+    except TimeoutError:
+        raise CleanroomError("the ledger did not record the session in time") from None
+
+
+async def durable(fut: Future[None]) -> None:
+    """Await a :meth:`SessionRecorder.submit` future on the event loop (no thread hop)."""
+    await asyncio.wrap_future(fut)
 
 
 def message_events(

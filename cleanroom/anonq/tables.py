@@ -25,6 +25,7 @@ This module never sends anything and never logs identifiers, labels or keys.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -436,6 +437,13 @@ def publish(
             upserted, removed = len(changed), len(gone)
             if not changed and not gone:
                 cur = owner.current
+                new_sources = dict(sources or {})
+                if new_sources != old.sources:
+                    # Same rows from newer dataset versions: the version stays, the record
+                    # of what it was built from moves on (meta.json only, atomically).
+                    meta = dataclasses.replace(old, sources=new_sources)
+                    _write_bytes(folder / META_FILE,
+                                 json.dumps(meta.as_dict(), indent=2).encode(), 0o600)
                 return PublishReport(name, cur.version, cur.table_id.hex(), False, len(users),
                                      cur.entry_count, cur.bucket_count,
                                      int(cur.bucket_sizes().min()), 0, 0, 0, 0)

@@ -47,6 +47,7 @@ from cleanroom.policy import Policy, QuerySpec
 RUNNER_MODULES: tuple[str, ...] = (
     "cleanroom.queries.segment_stats",
     "cleanroom.queries.match",
+    "cleanroom.queries.store_recommendation",
     "cleanroom.queries.lead_model",
 )
 
