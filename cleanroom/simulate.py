@@ -216,6 +216,189 @@ def _run_matches(
     return out
 
 
+def train_spec() -> dict[str, Any]:
+    """Vertical LR over the OEM's CRM, the media platform's behaviour and dealer visits."""
+    from parties.catalog import SERIES
+
+    behaviour = [f"views_{s.lower()}" for s in SERIES] + [
+        "comparisons",
+        "price_checks",
+        "forum_posts",
+        "testdrive_form_opens",
+        "days_since_active",
+    ]
+    join = {"phone": "join_key", "email": "join_key", "device_id": "join_key"}
+    return {
+        "version": 1,
+        "type": "train_lead_model",
+        "requester": "oem",
+        "counterparties": ["media", "dealer"],
+        "purpose": "lead_grading",
+        "receiver": "oem",
+        "inputs": {
+            "oem": [
+                {
+                    "dataset": "leads",
+                    "columns": {
+                        "lead_id": "row_id",
+                        **join,
+                        "source_channel": "model_feature",
+                        "intended_series": "model_feature",
+                    },
+                },
+                {
+                    "dataset": "crm",
+                    "columns": {
+                        "lead_id": "row_id",
+                        **dict.fromkeys(
+                            ("previous_owner", "service_visits", "prior_brand", "household_cars"),
+                            "model_feature",
+                        ),
+                    },
+                },
+                {"dataset": "labels", "columns": {"lead_id": "row_id", "converted": "label"}},
+            ],
+            "media": [
+                {
+                    "dataset": "users",
+                    "columns": {"user_id": "row_id", **join, "device_id_2": "join_key"},
+                },
+                {
+                    "dataset": "behaviour",
+                    "columns": {"user_id": "row_id", **dict.fromkeys(behaviour, "model_feature")},
+                },
+            ],
+            "dealer": [
+                {
+                    "dataset": "activity",
+                    "columns": {
+                        "phone": "join_key",
+                        **dict.fromkeys(
+                            ("visits", "test_drives", "prior_orders", "last_visit_at"),
+                            "model_feature",
+                        ),
+                    },
+                }
+            ],
+        },
+        "params": {"psi_reveal": "intersection", "reveal_counterparty_rows": True},
+    }
+
+
+def store_recommendation_spec() -> dict[str, Any]:
+    join = {"phone": "join_key", "email": "join_key", "device_id": "join_key"}
+    return {
+        "version": 1,
+        "type": "store_recommendation",
+        "requester": "oem",
+        "counterparties": ["media", "dealer"],
+        "purpose": "store_recommendation",
+        "receiver": "oem",
+        "inputs": {
+            "oem": [
+                {
+                    "dataset": "leads",
+                    "columns": {
+                        "lead_id": "row_id",
+                        **join,
+                        "city": "group_by",
+                        "intended_series": "group_by",
+                    },
+                },
+                {
+                    "dataset": "stores",
+                    "columns": dict.fromkeys(("store_id", "city", "lat", "lon"), "public"),
+                },
+            ],
+            "media": [
+                {
+                    "dataset": "users",
+                    "columns": {"user_id": "row_id", **join, "device_id_2": "join_key"},
+                },
+                {
+                    "dataset": "locations",
+                    "columns": {
+                        "user_id": "row_id",
+                        **dict.fromkeys(
+                            ("home_lat", "home_lon", "work_lat", "work_lon"), "location"
+                        ),
+                    },
+                },
+            ],
+            "dealer": [
+                {
+                    "dataset": "inventory",
+                    "columns": {"store_id": "row_id", "series": "group_by", "units": "inventory"},
+                }
+            ],
+        },
+        "params": {"options": {"inline_rows": 0}},
+    }
+
+
+def _train(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
+    outcome = _run_query(nodes["oem"], train_spec(), timeout=1800.0)
+    body = outcome["result"].get("result", {})
+    lift = body.get("lift_by_decile") or [{}]
+    print(
+        f"  train_lead_model {outcome['id']}: {body.get('epochs')} epochs, validation AUC "
+        f"{body.get('validation_auc', float('nan')):.3f}, top-decile lift "
+        f"{lift[0].get('lift', float('nan')):.1f}x"
+    )
+    return {"id": outcome["id"], "result": body}
+
+
+def _publish_tables(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
+    """The owners publish their labeled tables (what their operators do once per update)."""
+    with nodes["media"].operator_client(timeout=1800.0) as client:
+        media = client.post_json(
+            "/v1/anonq/tables/nearest_stores/publish",
+            {"kind": "nearest_stores", "stores_peer": "oem"},
+        )
+    with nodes["dealer"].operator_client(timeout=600.0) as client:
+        dealer = client.post_json(
+            "/v1/anonq/tables/inventory/publish", {"kind": "inventory", "min_bucket_size": 50}
+        )
+    return {"media": media, "dealer": dealer}
+
+
+def _recommend(nodes: dict[str, NodeProcess], data_dir: Path) -> dict[str, Any]:
+    import pandas as pd
+
+    from parties.recommend_eval import check_nearest, store_choice_agreement
+
+    outcome = _run_query(nodes["oem"], store_recommendation_spec(), timeout=1800.0)
+    body = outcome["result"].get("result", {})
+    table = pd.read_parquet(nodes["oem"].dir / "data" / body["file"]["name"])
+    truth = data_dir / "ground_truth"
+    nearest = check_nearest(
+        table,
+        pd.read_parquet(truth / "nearest_stores.parquet"),
+        pd.read_parquet(truth / "identity_map.parquet"),
+    )
+    choice = pd.read_parquet(truth / "store_choice.parquet")
+    agreement = store_choice_agreement(table, choice, "eval").as_dict()
+    matched = int(table["matched"].sum())
+    print(
+        f"  store_recommendation {outcome['id']}: {len(table):,} leads, {matched:,} matched; "
+        f"top-5 lists equal ground truth for {nearest.lists_equal:,} of {nearest.checked:,}"
+    )
+    print(
+        f"    recommended store = chosen store for {agreement['rate_matched']:.1%} of matched "
+        f"converting leads ({agreement['rate_all']:.1%} of all) on the evaluation split"
+    )
+    return {
+        "id": outcome["id"],
+        "summary": {k: v for k, v in body.items() if k != "rows"},
+        "nearest_check": nearest.as_dict(),
+        "nearest_all_equal": nearest.all_equal,
+        "agreement": agreement,
+        "matched": matched,
+        "leads": len(table),
+        "table": str(nodes["oem"].dir / "data" / body["file"]["name"]),
+    }
+
+
 def _witness_all(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
     rounds: dict[str, Any] = {}
     for party, node in nodes.items():
@@ -297,6 +480,15 @@ def run_simulation(out: Path, leads: int, seed: int, *, overwrite: bool = False)
         )
         _print_segments(seg)
         result["segment_stats"] = seg
+        result["train"] = timer.run(
+            "train_lead_model (vertical LR, Paillier)", lambda: _train(nodes)
+        )
+        result["tables"] = timer.run(
+            "publish anonymous-query tables (media, dealer)", lambda: _publish_tables(nodes)
+        )
+        result["store_recommendation"] = timer.run(
+            "store_recommendation", lambda: _recommend(nodes, data_dir)
+        )
         result["witness"] = timer.run("witness each other's ledgers", lambda: _witness_all(nodes))
         audits = timer.run(
             "audit verify --peers and compliance reports", lambda: _audit_all(nodes, out)

@@ -36,6 +36,12 @@ def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
     groups = result["segment_stats"]["result"]["result"]["groups"]
     assert groups and all(g["count"] >= 20 for g in groups)
     assert sum(g["count"] for g in groups) <= rows["oem/leads"]
+    # The federated model trained across the three nodes beats the best single party's
+    # model on the same data, and store recommendations use the true nearest stores.
+    single = max(v for k, v in rows_auc(result).items() if k in ("oem", "media", "dealer"))
+    assert result["train"]["result"]["validation_auc"] > single
+    assert result["store_recommendation"]["nearest_all_equal"]
+    assert result["store_recommendation"]["matched"] > 0
     # Every node's ledger verifies, with its peers' views consistent, and has a report.
     for party, audit in result["audit"].items():
         assert audit["ok"], (party, audit["summary"])
@@ -46,6 +52,12 @@ def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
     # No node keeps running after the simulation.
     for party in ("oem", "media", "dealer"):
         assert (out / "nodes" / party / "node.toml").exists()
+
+
+def rows_auc(result: dict[str, object]) -> dict[str, float]:
+    data = result["data"]
+    assert isinstance(data, dict)
+    return {k: float(v) for k, v in data["auc"].items() if v is not None}
 
 
 def test_simulation_refuses_a_foreign_folder_and_replaces_its_own(tmp_path: Path) -> None:
