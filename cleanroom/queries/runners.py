@@ -49,6 +49,7 @@ RUNNER_MODULES: tuple[str, ...] = (
     "cleanroom.queries.match",
     "cleanroom.queries.store_recommendation",
     "cleanroom.queries.lead_model",
+    "cleanroom.queries.lead_score",
 )
 
 

@@ -1,0 +1,661 @@
+"""The ``lead_score`` query type: grade the OEM's leads with a trained ``train_lead_model``.
+
+Three parties, as in training: the OEM (requester and receiver: leads, CRM features, its
+model slice with the intercept and Platt calibration) and two hosts, the media platform and
+the dealer (their own slices). ``params.options``:
+
+- ``model`` (required): the id of a ``train_lead_model`` query. Every party checks that this
+  query *completed at its own node*, between the same parties, and loads its own slice from
+  ``<data_dir>/models/<model>.json`` (:func:`cleanroom.queries.lead_model.load_model`);
+  otherwise the query fails naming ``params.options.model``.
+- ``mode``: ``"strict"`` (default) or ``"standard"``.
+- ``thresholds``: probabilities for grades A/B/C (default 0.30 / 0.15 / 0.05; below C is D).
+- ``adaptive`` (strict only, default false): two blinded comparisons per lead instead of
+  three.
+- ``subset``: ``"all"`` leads of the OEM's input (default), ``"unlabelled"`` (leads not
+  listed in the OEM's input that names only a ``row_id`` column, e.g. ``labels.lead_id``:
+  the new leads) or ``"labelled"`` (the listed ones). Labels are never read.
+- ``include_probability`` (standard only, default false): add the calibrated probability to
+  the result table.
+
+One session per host (protocol ``lsc``), opened by the OEM. First a multi-key PSI in
+intersection mode with per-session record pseudonyms (as ``match`` and ``train_lead_model``):
+the OEM learns which of its leads each host knows and the host's pseudonym of the record.
+
+Strict mode (the media platform is the Paillier key holder):
+
+1. ``SETUP`` -> media: the media platform makes a fresh 2048-bit Paillier key for this query
+   and replies with the public key signed by its node identity key (Ed25519).
+2. ``SETUP`` -> dealer, carrying that signed key; the dealer checks the signature against the
+   media platform's pinned identity key (the relaying OEM cannot substitute its own key).
+3. ``TABLE`` chunks from each host: the host's partial score of **every one of its records**
+   (not only the matched ones: a host is never told which of its records are leads), each a
+   fresh Paillier ciphertext under the media key, keyed by the record's session pseudonym,
+   plus one ciphertext of the score of an all-zero feature row (for leads the host does not
+   know). The dealer's ciphertexts go to the OEM directly; they are under the media key, so
+   the OEM cannot read them, and the media platform never sees them unblinded: it only ever
+   receives the OEM's blinded, packed, re-randomised comparisons.
+4. ``GRADE``: the OEM multiplies the two hosts' ciphertexts per lead, adds its own score and
+   runs :class:`~protocols.vertical_lr.scoring.StrictGrader` against the media platform's
+   :class:`~protocols.vertical_lr.scoring.StrictKeyHolder` in batches; it learns the grade
+   only. ``DONE`` ends the media session.
+
+Standard mode: ``ALIGN`` sends each host the OEM's lead order as pseudonyms (all-zero for a
+lead the host does not know); the host replies with its partial score per row
+(:func:`~protocols.vertical_lr.scoring.encode_partial_label`, the zero-row score for unknown
+leads) and the OEM combines and calibrates (:func:`combine_standard`). The OEM thereby sees
+each host's per-row partial scores, and each host learns which of its records are among the
+leads: standard mode needs ``params.reveal_counterparty_rows`` and the hosts' policies to
+list the OEM in ``reveal_rows_to``. That is why strict is the default.
+
+The result at the OEM: a table ``lead_id, grade`` (``probability`` too in standard mode if
+asked) under ``<data_dir>/lead_scores/<query id>.parquet`` with a JSON manifest; the payload
+holds its path, the grade distribution and counts.
+
+What this module must not do: send a feature, identifier or partial score in the clear in
+strict mode (only protocol bytes, pseudonyms and ciphertexts leave a node), log, or open
+sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from cryptography.exceptions import InvalidSignature
+
+from cleanroom.errors import CleanroomError
+from cleanroom.node.context import NodeContext
+from cleanroom.policy import QuerySpec
+from cleanroom.queries.lead_model import (
+    _cols,
+    _load_party,
+    _party_kind,
+    load_model,
+)
+from cleanroom.queries.match import requester_items, responder_items
+from cleanroom.queries.psi_session import (
+    PsiSessionResponder,
+    new_requester,
+    run_requester,
+    worker_pool,
+)
+from cleanroom.queries.runners import (
+    CounterpartyRun,
+    QueryFailure,
+    RequesterRun,
+    Runner,
+    RunResult,
+    SessionChannel,
+    SessionResponder,
+    SpecRefused,
+    protocol_session_id,
+    register,
+)
+from cleanroom.queries.segment_stats import _kinds
+from cleanroom.queries.store import find_query, spec_of
+from parties import features as pf
+from protocols.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocols.paillier import (
+    PaillierError,
+    PublicKey,
+    generate_keypair,
+    load_public_key,
+    to_bytes,
+)
+from protocols.psi import Mode, PsiResponder
+from protocols.psi.multikey import LABEL_BYTES, edges_from_result, resolve
+from protocols.vertical_lr import (
+    GradeSpec,
+    ModelSlice,
+    Party,
+    StrictGrader,
+    StrictKeyHolder,
+    combine_standard,
+    decode_partial_label,
+    encode_partial_label,
+    encrypt_partial_labels,
+)
+from protocols.vertical_lr.blinding import BlindJob, run_blind_job
+from protocols.vertical_lr.scoring import load_partial_label
+
+PROTOCOL = "lsc"
+MAGIC = b"CRLS"
+VERSION = 1
+SETUP, READY, TABLE, ROWS, GRADE, SIGNS, DONE, ALIGN, PARTIALS = range(1, 10)
+_HEAD = struct.Struct(">4sBB")
+_U32 = struct.Struct(">I")
+SIG_BYTES = 64
+TABLE_CHUNK = 4096
+BATCH_LEADS = 1000
+MODES = ("strict", "standard")
+SUBSETS = ("all", "unlabelled", "labelled")
+RESULT_DIR = "lead_scores"
+_NO_RECORD = bytes(LABEL_BYTES)
+_QUERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_MODEL_FIELD = "params.options.model"
+
+
+def _rule(what: str) -> str:
+    return f"spec.lead_score.{what}"
+
+
+# --- framing -----------------------------------------------------------------------------
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return _HEAD.pack(MAGIC, VERSION, kind) + payload
+
+
+def unframe(data: bytes) -> tuple[int, bytes]:
+    if len(data) < _HEAD.size:
+        raise RemoteProtocolError("lsc session: truncated frame")
+    magic, version, kind = _HEAD.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise RemoteProtocolError("lsc session: not a lead-score frame")
+    return kind, data[_HEAD.size:]
+
+
+def _key_text(query_id: str, pub: bytes) -> bytes:
+    return b"cleanroom/lead-score/key-holder/v1\0" + query_id.encode() + b"\0" + pub
+
+
+def encode_key_blob(query_id: str, pub: PublicKey, signing_key: Any) -> bytes:
+    """The key holder's Paillier public key, signed with its node identity key."""
+    raw = to_bytes(pub)
+    return _U32.pack(len(raw)) + raw + signing_key.sign(_key_text(query_id, raw))
+
+
+def decode_key_blob(query_id: str, blob: bytes, holder_key: Any) -> PublicKey:
+    """Check the signature against the key holder's pinned identity key; the public key."""
+    if len(blob) < 4:
+        raise RemoteProtocolError("key-holder key: truncated")
+    (n,) = _U32.unpack_from(blob)
+    if len(blob) != 4 + n + SIG_BYTES:
+        raise RemoteProtocolError("key-holder key: wrong length")
+    raw, sig = blob[4:4 + n], blob[4 + n:]
+    try:
+        holder_key.verify(sig, _key_text(query_id, raw))
+    except InvalidSignature:
+        raise RemoteProtocolError("key-holder key: bad signature (not the media platform's "
+                                  "key for this query)", status_hint=403) from None
+    try:
+        return load_public_key(raw)
+    except (ProtocolError, PaillierError, ValueError) as exc:
+        raise RemoteProtocolError(f"key-holder key: {exc}") from None
+
+
+# --- options -----------------------------------------------------------------------------
+
+
+def _opt(spec: QuerySpec, name: str, default: Any) -> Any:
+    return spec.params.options.get(name, default)
+
+
+def _mode(spec: QuerySpec) -> str:
+    return str(_opt(spec, "mode", "strict"))
+
+
+def _grade_spec(spec: QuerySpec) -> GradeSpec:
+    raw = _opt(spec, "thresholds", None)
+    if raw is None:
+        return GradeSpec()
+    if not isinstance(raw, list | tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in raw):
+        raise LocalProtocolError("thresholds must be a list of three probabilities")
+    return GradeSpec(tuple(float(v) for v in raw))  # type: ignore[arg-type]
+
+
+def _model_id(spec: QuerySpec) -> str:
+    return str(_opt(spec, "model", ""))
+
+
+# --- models --------------------------------------------------------------------------------
+
+
+def _model_failure(me: str, why: str) -> QueryFailure:
+    return QueryFailure("model_unavailable", f"{_MODEL_FIELD}: {why} (at {me})",
+                        field=_MODEL_FIELD, party=me)
+
+
+def load_own_slice(ctx: NodeContext, spec: QuerySpec, me: str,
+                   columns: Sequence[str]) -> tuple[ModelSlice, dict[str, Any]]:
+    """This node's slice of ``params.options.model``: the training query must have completed
+    here, between the same parties, and its stored columns must be this node's columns."""
+    mid = _model_id(spec)
+    row = find_query(ctx, mid)
+    if row is None or row.query_type != "train_lead_model":
+        raise _model_failure(me, f"no train_lead_model query {mid} at this node")
+    if row.state != "completed":
+        raise _model_failure(me, f"training query {mid} is {row.state}, not completed")
+    mspec = spec_of(row)
+    if mspec.requester != spec.requester or sorted(mspec.counterparties) != sorted(
+            spec.counterparties):
+        raise _model_failure(me, f"model {mid} was trained by other parties")
+    try:
+        model, doc = load_model(ctx, mid)
+    except CleanroomError as exc:
+        raise _model_failure(me, str(exc)) from None
+    if list(doc.get("columns", [])) != list(columns):
+        raise _model_failure(me, f"model {mid} was trained on other feature columns")
+    return model, doc
+
+
+# --- result storage ------------------------------------------------------------------------
+
+
+def result_paths(ctx: NodeContext, query_id: str) -> tuple[Path, Path]:
+    if not _QUERY_ID.fullmatch(query_id):
+        raise CleanroomError(f"not a query id: {query_id!r}")
+    base = ctx.data_dir / RESULT_DIR
+    return base / f"{query_id}.parquet", base / f"{query_id}.json"
+
+
+def _write_result(ctx: NodeContext, query_id: str, table: pd.DataFrame,
+                  manifest: dict[str, Any]) -> Path:
+    rows_path, manifest_path = result_paths(ctx, query_id)
+    rows_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_rows = rows_path.with_suffix(".parquet.tmp")
+    tmp_manifest = manifest_path.with_suffix(".json.tmp")
+    table.to_parquet(tmp_rows, index=False)
+    tmp_manifest.write_text(json.dumps(manifest, sort_keys=True, indent=1), encoding="utf-8")
+    os.replace(tmp_rows, rows_path)
+    os.replace(tmp_manifest, manifest_path)  # the manifest last: it marks the table complete
+    return rows_path
+
+
+def _subset_item(spec: QuerySpec) -> int | None:
+    """The requester's input naming the labelled leads: one ``row_id`` column, nothing else
+    (only its lead ids are read; labels are never used for grading)."""
+    for n, item in enumerate(spec.inputs.get(spec.requester, [])):
+        if len(item.columns) == 1 and _cols(item, "row_id"):
+            return n
+    return None
+
+
+# --- the runner ----------------------------------------------------------------------------
+
+
+class LeadScoreRunner(Runner):
+    query_type = "lead_score"
+
+    def validate(self, spec: QuerySpec, party: str) -> None:
+        if spec.receiver != spec.requester:
+            raise SpecRefused(_rule("receiver"), "receiver",
+                              "grades go to the requester (the OEM that owns the leads)")
+        if spec.params.psi_reveal != "intersection":
+            raise SpecRefused(_rule("psi_reveal"), "params.psi_reveal",
+                              "leads are aligned by PSI in intersection mode")
+        if not _QUERY_ID.fullmatch(_model_id(spec)):
+            raise SpecRefused(_rule("model"), _MODEL_FIELD,
+                              "params.options.model must name a train_lead_model query id")
+        mode = _mode(spec)
+        if mode not in MODES:
+            raise SpecRefused(_rule("mode"), "params.options.mode",
+                              "mode must be 'strict' or 'standard'")
+        if mode == "standard" and not spec.params.reveal_counterparty_rows:
+            raise SpecRefused(_rule("reveal_counterparty_rows"),
+                              "params.reveal_counterparty_rows",
+                              "standard mode tells each host which of its records are among "
+                              "the leads (and shows the OEM their partial scores): "
+                              "reveal_counterparty_rows must be true")
+        adaptive = _opt(spec, "adaptive", False)
+        if not isinstance(adaptive, bool) or (adaptive and mode != "strict"):
+            raise SpecRefused(_rule("adaptive"), "params.options.adaptive",
+                              "adaptive is a boolean and applies to strict mode only")
+        prob = _opt(spec, "include_probability", False)
+        if not isinstance(prob, bool) or (prob and mode != "standard"):
+            raise SpecRefused(_rule("include_probability"),
+                              "params.options.include_probability",
+                              "probabilities can be released in standard mode only (strict "
+                              "mode reveals the grade and nothing else)")
+        if _opt(spec, "subset", "all") not in SUBSETS:
+            raise SpecRefused(_rule("subset"), "params.options.subset",
+                              f"subset must be one of {', '.join(SUBSETS)}")
+        try:
+            _grade_spec(spec)
+        except (LocalProtocolError, TypeError) as exc:
+            raise SpecRefused(_rule("thresholds"), "params.options.thresholds",
+                              str(exc)) from None
+        if len(spec.counterparties) != 2:
+            raise SpecRefused(_rule("counterparties"), "counterparties",
+                              "grading runs with the two training hosts: media and dealer")
+        kinds = {p: _party_kind(spec, p) for p in spec.parties}
+        if kinds[spec.requester] != "oem" or sorted(
+                kinds[p] for p in spec.counterparties) != ["dealer", "media"]:
+            raise SpecRefused(_rule("features"), "inputs",
+                              "the requester brings OEM leads/CRM features, the counterparties "
+                              "media behaviour and dealer activity")
+        items = spec.inputs.get(party, [])
+        if not any(_cols(i, "join_key") for i in items):
+            raise SpecRefused(_rule("join_key"), f"inputs.{party}",
+                              f"{party} must name at least one join_key column")
+        if (party == spec.requester and _opt(spec, "subset", "all") != "all"
+                and _subset_item(spec) is None):
+            raise SpecRefused(_rule("subset"), "params.options.subset",
+                              "a labelled/unlabelled subset needs a requester input that names "
+                              "only the lead_id (row_id) of the labelled leads")
+
+    # --- requester -----------------------------------------------------------------------
+
+    def run(self, run: RequesterRun) -> RunResult:
+        spec, ctx = run.spec, run.ctx
+        mode = _mode(spec)
+        if mode == "standard":
+            for host in spec.counterparties:
+                rule = run.policy.partners.get(host)
+                if rule is None or host not in rule.reveal_rows_to:
+                    raise QueryFailure(
+                        "policy", f"standard grading tells {host} which of its records are "
+                        f"among our leads; our policy does not list {host} in reveal_rows_to",
+                        rule=f"{run.me}:partners.{host}.reveal_rows_to",
+                        field="params.reveal_counterparty_rows", party=run.me)
+        ident, join, feats, frames = _load_party(ctx, spec, run.me)
+        model, doc = load_own_slice(ctx, spec, run.me, feats.columns)
+        try:
+            platt = (float(doc["platt"][0]), float(doc["platt"][1]))
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise _model_failure(run.me, "the OEM slice has no Platt calibration") from None
+        rows = self._subset(spec, run.me, feats, frames)
+        if not len(rows):
+            raise QueryFailure("input_error", "no leads to grade in the chosen subset",
+                               field="params.options.subset")
+        own = model.partial_scores(feats.values[rows])
+        roles = {p: Party.MEDIA if _party_kind(spec, p) == "media" else Party.DEALER
+                 for p in spec.counterparties}
+        media = next(h for h, r in roles.items() if r == Party.MEDIA)
+        dealer = next(h for h, r in roles.items() if r == Party.DEALER)
+        kinds = _kinds(ctx, [it for it in spec.inputs[run.me] if _cols(it, "join_key")],
+                       "join_key")
+        items, origins = requester_items(ident.iloc[rows].reset_index(drop=True), join, kinds)
+        grades_spec = _grade_spec(spec)
+        n = len(rows)
+        with run.session(media, PROTOCOL) as chm, run.session(dealer, PROTOCOL) as chd:
+            channels: dict[str, SessionChannel] = {media: chm, dealer: chd}
+            pseud: dict[str, list[bytes | None]] = {}
+            matched: dict[str, int] = {}
+            for host, ch in channels.items():
+                run.check_alive()
+                role = new_requester(items, mode=Mode.INTERSECTION, want_labels=True,
+                                     session_id=ch.protocol_session_id)
+                res = run_requester(ch, role, check_alive=run.check_alive)
+                resolution = resolve(edges_from_result(origins, res))
+                matched[host] = len(resolution.pairs)
+                if matched[host] < run.min_intersection.value:
+                    raise QueryFailure(
+                        "min_intersection_size",
+                        f"the leads matched with {host} are below the minimum intersection "
+                        f"size {run.min_intersection.value} set by {run.min_intersection.rule}",
+                        rule=run.min_intersection.rule, field="params.min_intersection_size",
+                        party=run.min_intersection.rule.split(":", 1)[0])
+                pseud[host] = [resolution.pairs[i][0] if i in resolution.pairs else None
+                               for i in range(n)]
+            if mode == "strict":
+                grades = self._strict(run, chm, chd, pseud[media], pseud[dealer], own, platt,
+                                      grades_spec)
+                prob = None
+            else:
+                partials = [self._standard(ch, pseud[h], n) for h, ch in channels.items()]
+                try:
+                    p, grades = combine_standard(own, partials, platt, grades_spec)
+                except LocalProtocolError as exc:
+                    raise QueryFailure("protocol_error", f"partial scores: {exc}") from None
+                prob = p if _opt(spec, "include_probability", False) else None
+        lead_ids = [feats.keys[i] for i in rows]
+        table = pd.DataFrame({"lead_id": lead_ids, "grade": grades})
+        if prob is not None:
+            table["probability"] = np.asarray(prob, dtype=np.float64)
+        dist = {g: int((table["grade"] == g).sum()) for g in ("A", "B", "C", "D")}
+        manifest = {"query_id": run.query_id, "model": _model_id(spec), "mode": mode,
+                    "rows": n, "columns": list(table.columns)}
+        path = _write_result(ctx, run.query_id, table, manifest)
+        payload = {
+            "type": "lead_score", "mode": mode, "model": _model_id(spec),
+            "adaptive": bool(_opt(spec, "adaptive", False)),
+            "subset": _opt(spec, "subset", "all"),
+            "thresholds": list(grades_spec.thresholds), "leads": n,
+            "grades": dist, "matched": matched,
+            "unmatched_leads": "scored with the host's partial score of an all-zero row",
+            "result_file": str(path), "columns": list(table.columns),
+        }
+        return RunResult(payload, rows=n)
+
+    @staticmethod
+    def _subset(spec: QuerySpec, me: str, feats: pf.PartyFeatures,
+                frames: list[pd.DataFrame]) -> np.ndarray:
+        subset = _opt(spec, "subset", "all")
+        all_rows = np.arange(len(feats.keys))
+        if subset == "all":
+            return all_rows
+        n = _subset_item(spec)
+        assert n is not None
+        col = _cols(spec.inputs[me][n], "row_id")[0]
+        labelled = set(frames[n][col].astype(str))
+        mask = np.asarray([k in labelled for k in feats.keys], dtype=bool)
+        return all_rows[mask if subset == "labelled" else ~mask]
+
+    def _strict(self, run: RequesterRun, chm: SessionChannel, chd: SessionChannel,
+                m_pseud: list[bytes | None], d_pseud: list[bytes | None], own: np.ndarray,
+                platt: tuple[float, float], grades_spec: GradeSpec) -> list[str]:
+        kind, blob = unframe(chm.exchange(frame(SETUP, b""), round="setup"))
+        if kind != READY:
+            raise QueryFailure("protocol_error", "media: bad SETUP reply")
+        pub = decode_key_blob(run.query_id, blob, run.ctx.peer_public_key(chm.peer))
+        kind, body = unframe(chd.exchange(frame(SETUP, blob), round="setup"))
+        if kind != READY or body:
+            raise QueryFailure("protocol_error", "dealer: bad SETUP reply")
+        labels = []
+        for ch, pseud in ((chm, m_pseud), (chd, d_pseud)):
+            table, zero = _fetch_table(run, ch, pub)
+            try:
+                labels.append([zero if p is None else table[p] for p in pseud])
+            except KeyError:
+                raise QueryFailure("protocol_error",
+                                   f"{ch.peer}: its table lacks a matched record") from None
+        pool = worker_pool()
+
+        def jobs(batch: Sequence[BlindJob]) -> list[list[int]]:
+            assert pool is not None
+            return [list(r) for r in pool.map(run_blind_job, batch)]
+
+        try:
+            grader = StrictGrader(protocol_session_id(run.query_id, "grade"), pub, grades_spec,
+                                  platt, adaptive=bool(_opt(run.spec, "adaptive", False)),
+                                  runner=jobs if pool is not None else None,
+                                  jobs_per_batch=max(1, getattr(pool, "_max_workers", 1)))
+        except LocalProtocolError as exc:
+            raise QueryFailure("model_unavailable", f"grading: {exc}",
+                               field="params.options.thresholds") from None
+        grades: list[str] = []
+        for b, lo in enumerate(range(0, len(own), BATCH_LEADS)):
+            run.check_alive()
+            hi = min(len(own), lo + BATCH_LEADS)
+            msg: bytes | None = grader.blind_batch(
+                b, own[lo:hi], [lab[lo:hi] for lab in labels])
+            while msg is not None:
+                kind, body = unframe(chm.exchange(frame(GRADE, msg), round="grade"))
+                if kind != SIGNS:
+                    raise QueryFailure("protocol_error", "media: expected SIGNS")
+                step = grader.step(body)
+                msg = step.reply
+                if step.grades is not None:
+                    grades.extend(step.grades)
+        kind, _ = unframe(chm.exchange(frame(DONE, b""), round="done"))
+        if kind != DONE:
+            raise QueryFailure("protocol_error", "media: bad DONE reply")
+        return grades
+
+    @staticmethod
+    def _standard(ch: SessionChannel, pseud: list[bytes | None], n: int) -> np.ndarray:
+        body = _U32.pack(n) + b"".join(p if p is not None else _NO_RECORD for p in pseud)
+        kind, reply = unframe(ch.exchange(frame(ALIGN, body), round="align"))
+        if kind != PARTIALS or len(reply) != 9 * n:
+            raise QueryFailure("protocol_error", f"{ch.peer}: bad ALIGN reply")
+        return np.asarray([decode_partial_label(reply[9 * i:9 * i + 9]) for i in range(n)])
+
+    # --- counterparty --------------------------------------------------------------------
+
+    def open_responder(self, run: CounterpartyRun, session_id: str, protocol: str,
+                       peer: str) -> SessionResponder:
+        if protocol != PROTOCOL:
+            raise QueryFailure("bad_protocol", f"lead_score runs {PROTOCOL}")
+        return _HostResponder(run, session_id)
+
+
+def _fetch_table(run: RequesterRun, ch: SessionChannel, pub: PublicKey
+                 ) -> tuple[dict[bytes, bytes], bytes]:
+    """All of a host's (pseudonym -> ciphertext) and its zero-row ciphertext, in chunks."""
+    width = (pub.nsquare.bit_length() + 7) // 8
+    table: dict[bytes, bytes] = {}
+    zero = b""
+    start, total = 0, None
+    while total is None or start < total:
+        run.check_alive()
+        kind, body = unframe(ch.exchange(frame(TABLE, _U32.pack(start)), round="table"))
+        if kind != ROWS or len(body) < 12 + width:
+            raise QueryFailure("protocol_error", f"{ch.peer}: bad TABLE reply")
+        got_start, count, total = struct.unpack_from(">III", body)
+        rec = LABEL_BYTES + width
+        if got_start != start or len(body) != 12 + width + count * rec or (
+                count == 0 and start < total):
+            raise QueryFailure("protocol_error", f"{ch.peer}: TABLE reply of the wrong shape")
+        zero = body[12:12 + width]
+        load_partial_label(zero, pub)
+        pos = 12 + width
+        for _ in range(count):
+            tag, ct = body[pos:pos + LABEL_BYTES], body[pos + LABEL_BYTES:pos + rec]
+            load_partial_label(ct, pub)  # validates: in range, a unit mod n^2
+            table[tag] = ct
+            pos += rec
+        start += count
+    return table, zero
+
+
+class _HostResponder:
+    """A host's end of the ``lsc`` session: PSI, then the strict or the standard part."""
+
+    def __init__(self, run: CounterpartyRun, session_id: str) -> None:
+        spec = run.spec
+        self.run = run
+        self.mode = _mode(spec)
+        self.role_party = Party.MEDIA if _party_kind(spec, run.me) == "media" else Party.DEALER
+        ident, join, feats, _ = _load_party(run.ctx, spec, run.me)
+        self.model, _ = load_own_slice(run.ctx, spec, run.me, feats.columns)
+        kinds = ({join[0]: "phone"} if self.role_party == Party.DEALER else
+                 _kinds(run.ctx, [it for it in spec.inputs[run.me] if _cols(it, "join_key")],
+                        "join_key"))
+        items, labels = responder_items(ident, join, kinds)  # type: ignore[arg-type]
+        self.pseudonyms = [labels[i * len(join)] for i in range(len(ident))]
+        self.record_of = {p: i for i, p in enumerate(self.pseudonyms)}
+        self.feats = feats
+        rule = run.policy.partners.get(spec.requester)
+        modes = frozenset(Mode.INTERSECTION for m in (rule.psi_reveal if rule else [])
+                          if m == "intersection")
+        self.psi = PsiSessionResponder(PsiResponder(
+            items, labels=labels, allowed_modes=modes,
+            expected_session_id=protocol_session_id(run.query_id, session_id)))
+        self.pub: PublicKey | None = None
+        self.keyholder: StrictKeyHolder | None = None
+        self.table: list[bytes] | None = None
+        self.zero = b""
+        self.done = False
+
+    @property
+    def finished(self) -> bool:
+        return self.done
+
+    def _scores(self) -> tuple[np.ndarray, float]:
+        zero_row = np.zeros((1, len(self.feats.columns)))
+        return (self.model.partial_scores(self.feats.values),
+                float(self.model.partial_scores(zero_row)[0]))
+
+    def handle(self, message: bytes) -> bytes:
+        if not self.psi.finished:
+            return self.psi.handle(message)
+        if self.done:
+            raise RemoteProtocolError("lsc session: already finished", status_hint=409)
+        kind, body = unframe(message)
+        if self.mode == "standard":
+            if kind != ALIGN:
+                raise RemoteProtocolError("lsc session: standard mode expects ALIGN",
+                                          status_hint=409)
+            return self._align(body)
+        if kind == SETUP and self.pub is None:
+            return self._setup(body)
+        if kind == TABLE and self.table is not None:
+            return self._rows(body)
+        if kind == GRADE and self.keyholder is not None:
+            return frame(SIGNS, self.keyholder.handle(body))
+        if kind == DONE and self.keyholder is not None and not body:
+            self.done = True
+            return frame(DONE, b"")
+        raise RemoteProtocolError("lsc session: message out of turn", status_hint=409)
+
+    def _setup(self, body: bytes) -> bytes:
+        ctx, qid = self.run.ctx, self.run.query_id
+        if self.role_party == Party.MEDIA:
+            if body:
+                raise RemoteProtocolError("SETUP: the key holder expects an empty SETUP")
+            pub, priv = generate_keypair()
+            self.keyholder = StrictKeyHolder(protocol_session_id(qid, "grade"), priv)
+            reply = encode_key_blob(qid, pub, ctx.identity.signing_key())
+        else:
+            media = next(p for p in self.run.spec.counterparties if p != self.run.me)
+            pub = decode_key_blob(qid, body, ctx.peer_public_key(media))
+            reply = b""
+        scores, zero = self._scores()
+        try:
+            cts = encrypt_partial_labels(np.append(scores, zero), pub)
+        except LocalProtocolError as exc:
+            raise QueryFailure("input_error", f"partial scores: {exc}") from None
+        self.pub, self.table, self.zero = pub, cts[:-1], cts[-1]
+        return frame(READY, reply)
+
+    def _rows(self, body: bytes) -> bytes:
+        assert self.table is not None
+        if len(body) != 4:
+            raise RemoteProtocolError("TABLE: bad request")
+        (start,) = _U32.unpack(body)
+        total = len(self.table)
+        if start > total:
+            raise RemoteProtocolError("TABLE: start past the end")
+        end = min(total, start + TABLE_CHUNK)
+        out = [struct.pack(">III", start, end - start, total), self.zero]
+        for i in range(start, end):
+            out.append(self.pseudonyms[i] + self.table[i])
+        if end == total and self.role_party == Party.DEALER:
+            self.done = True
+        return frame(ROWS, b"".join(out))
+
+    def _align(self, body: bytes) -> bytes:
+        if len(body) < 4:
+            raise RemoteProtocolError("ALIGN: truncated")
+        (n,) = _U32.unpack_from(body)
+        rows = body[4:]
+        if n < 1 or len(rows) != n * LABEL_BYTES:
+            raise RemoteProtocolError("ALIGN: wrong length")
+        scores, zero = self._scores()
+        seen: set[int] = set()
+        out = []
+        for i in range(n):
+            tag = rows[i * LABEL_BYTES:(i + 1) * LABEL_BYTES]
+            if tag == _NO_RECORD:
+                out.append(encode_partial_label(zero))
+                continue
+            rec = self.record_of.get(tag)
+            if rec is None or rec in seen:
+                raise RemoteProtocolError("ALIGN: unknown or repeated record pseudonym")
+            seen.add(rec)
+            out.append(encode_partial_label(float(scores[rec])))
+        self.done = True
+        return frame(PARTIALS, b"".join(out))
+
+
+register(LeadScoreRunner())
