@@ -38,8 +38,11 @@ def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
     assert sum(g["count"] for g in groups) <= rows["oem/leads"]
     # The federated model trained across the three nodes beats the best single party's
     # model on the same data, and store recommendations use the true nearest stores.
-    single = max(v for k, v in rows_auc(result).items() if k in ("oem", "media", "dealer"))
-    assert result["train"]["result"]["validation_auc"] > single
+    aucs = rows_auc(result)
+    single = max(v for k, v in aucs.items() if k in ("oem", "media", "dealer"))
+    assert result["lead_score"]["eval_auc"] > single
+    assert abs(result["lead_score"]["eval_auc"] - aucs["joint"]) < 0.03
+    assert result["lead_score"]["lift_vs_truth"]["strict"] > 2.0
     assert result["store_recommendation"]["nearest_all_equal"]
     assert result["store_recommendation"]["matched"] > 0
     # Every node's ledger verifies, with its peers' views consistent, and has a report.
@@ -47,6 +50,9 @@ def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
         assert audit["ok"], (party, audit["summary"])
         html = Path(audit["report"]).read_text()
         assert "<svg" in html and "http://" not in html and "https://" not in html
+    page = (out / "report.html").read_text()
+    assert "Match funnel" in page and "<svg" in page and "<script" not in page
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     saved = json.loads((out / "summary.json").read_text())
     assert saved["ingest"]["oem/leads"]["rows"] == 2000
     # No node keeps running after the simulation.
