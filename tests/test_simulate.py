@@ -41,7 +41,8 @@ def test_simulation_runs_end_to_end(tmp_path: Path) -> None:
     aucs = rows_auc(result)
     single = max(v for k, v in aucs.items() if k in ("oem", "media", "dealer"))
     assert result["lead_score"]["eval_auc"] > single
-    assert abs(result["lead_score"]["eval_auc"] - aucs["joint"]) < 0.03
+    # 600 evaluation leads: the AUC itself varies by about 0.02 between seeds
+    assert abs(result["lead_score"]["eval_auc"] - aucs["joint"]) < 0.05
     assert result["lead_score"]["lift_vs_truth"]["strict"] > 2.0
     assert result["store_recommendation"]["nearest_all_equal"]
     assert result["store_recommendation"]["matched"] > 0

@@ -62,6 +62,7 @@ from cleanroom.errors import CleanroomError
 from cleanroom.node.context import NodeContext
 from cleanroom.policy import QuerySpec
 from cleanroom.policy.spec import InputSpec
+from cleanroom.queries.framing import Framing
 from cleanroom.queries.match import requester_items, responder_items
 from cleanroom.queries.psi_session import PsiSessionResponder, new_requester, run_requester
 from cleanroom.queries.runners import (
@@ -97,7 +98,6 @@ VERSION = 1
 ALIGN, START, BEGIN, BUNDLE = 1, 2, 3, 4
 FEATURES, HANDSHAKE = 11, 12
 PLAIN, SEALED = 0, 1
-_HEAD = struct.Struct(">4sBB")
 _U32 = struct.Struct(">I")
 HANDSHAKE_BYTES = 32 + 64
 _NO_RECORD = bytes(LABEL_BYTES)
@@ -112,17 +112,9 @@ def _rule(what: str) -> str:
 # --- framing ---------------------------------------------------------------------------
 
 
-def frame(kind: int, payload: bytes) -> bytes:
-    return _HEAD.pack(MAGIC, VERSION, kind) + payload
-
-
-def unframe(data: bytes) -> tuple[int, bytes]:
-    if len(data) < _HEAD.size:
-        raise RemoteProtocolError("vlr session: truncated frame")
-    magic, version, kind = _HEAD.unpack_from(data)
-    if magic != MAGIC or version != VERSION:
-        raise RemoteProtocolError("vlr session: not a lead-model frame")
-    return kind, data[_HEAD.size:]
+_FRAMING = Framing(MAGIC, VERSION, "vlr session", "lead-model")
+frame = _FRAMING.frame
+unframe = _FRAMING.unframe
 
 
 def encode_bundle(items: Sequence[tuple[int, bytes]]) -> bytes:

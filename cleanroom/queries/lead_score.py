@@ -74,6 +74,7 @@ from cryptography.exceptions import InvalidSignature
 from cleanroom.errors import CleanroomError
 from cleanroom.node.context import NodeContext
 from cleanroom.policy import QuerySpec
+from cleanroom.queries.framing import Framing
 from cleanroom.queries.lead_model import (
     _cols,
     _load_party,
@@ -130,7 +131,6 @@ PROTOCOL = "lsc"
 MAGIC = b"CRLS"
 VERSION = 1
 SETUP, READY, TABLE, ROWS, GRADE, SIGNS, DONE, ALIGN, PARTIALS = range(1, 10)
-_HEAD = struct.Struct(">4sBB")
 _U32 = struct.Struct(">I")
 SIG_BYTES = 64
 TABLE_CHUNK = 4096
@@ -150,17 +150,9 @@ def _rule(what: str) -> str:
 # --- framing -----------------------------------------------------------------------------
 
 
-def frame(kind: int, payload: bytes) -> bytes:
-    return _HEAD.pack(MAGIC, VERSION, kind) + payload
-
-
-def unframe(data: bytes) -> tuple[int, bytes]:
-    if len(data) < _HEAD.size:
-        raise RemoteProtocolError("lsc session: truncated frame")
-    magic, version, kind = _HEAD.unpack_from(data)
-    if magic != MAGIC or version != VERSION:
-        raise RemoteProtocolError("lsc session: not a lead-score frame")
-    return kind, data[_HEAD.size:]
+_FRAMING = Framing(MAGIC, VERSION, "lsc session", "lead-score")
+frame = _FRAMING.frame
+unframe = _FRAMING.unframe
 
 
 def _key_text(query_id: str, pub: bytes) -> bytes:
