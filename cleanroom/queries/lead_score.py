@@ -63,6 +63,7 @@ import json
 import os
 import re
 import struct
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ RESULT_DIR = "lead_scores"
 _NO_RECORD = bytes(LABEL_BYTES)
 _QUERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _MODEL_FIELD = "params.options.model"
+MODEL_OUTCOME_WAIT_SECONDS = 30.0
 
 
 def _rule(what: str) -> str:
@@ -225,8 +227,15 @@ def load_own_slice(ctx: NodeContext, spec: QuerySpec, me: str,
     row = find_query(ctx, mid)
     if row is None or row.query_type != "train_lead_model":
         raise _model_failure(me, f"no train_lead_model query {mid} at this node")
-    if row.state != "completed":
-        raise _model_failure(me, f"training query {mid} is {row.state}, not completed")
+    # The requester marks training completed first; a counterparty learns it from the
+    # outcome message a moment later. Wait for that outcome briefly rather than refusing.
+    deadline = time.monotonic() + MODEL_OUTCOME_WAIT_SECONDS
+    while row is not None and row.state == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        row = find_query(ctx, mid)
+    if row is None or row.state != "completed":
+        state = "gone" if row is None else row.state
+        raise _model_failure(me, f"training query {mid} is {state}, not completed")
     mspec = spec_of(row)
     if mspec.requester != spec.requester or sorted(mspec.counterparties) != sorted(
             spec.counterparties):
