@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -204,7 +205,7 @@ class OwnerObservation:
 # --- shared machinery ------------------------------------------------------------------
 
 
-class _Role:
+class _Role(ABC):
     role: Role
 
     def __init__(self, session_id: bytes | None) -> None:
@@ -251,11 +252,13 @@ class _Role:
             self._remote("message belongs to another session", 409)
         return msg
 
-    def receive(self, data: bytes) -> Step:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def receive(self, data: bytes) -> Step:
+        """Check one incoming message and return the work it needs."""
 
-    def complete(self, step: Step, output: object) -> bytes | None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def complete(self, step: Step, output: object) -> bytes | None:
+        """Apply the output of a step's job; return the reply, if any."""
 
     def handle(self, data: bytes) -> bytes | None:
         """Serial driver: receive, run the job here, complete."""

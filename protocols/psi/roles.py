@@ -30,6 +30,7 @@ identifiers as bytes; they never appear in any message, only curve points do.
 from __future__ import annotations
 
 import secrets
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
@@ -182,7 +183,7 @@ class ResponderResult:
 # --- shared machinery ------------------------------------------------------------------
 
 
-class _Role:
+class _Role(ABC):
     role: Role
 
     def __init__(self) -> None:
@@ -236,11 +237,13 @@ class _Role:
             self.fail(exc)
         return self.complete(step, output)
 
-    def receive(self, data: bytes) -> Step:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abstractmethod
+    def receive(self, data: bytes) -> Step:
+        """Check one incoming message and return the work it needs."""
 
-    def complete(self, step: Step, output: object) -> bytes | None:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def complete(self, step: Step, output: object) -> bytes | None:
+        """Apply the output of a step's job; return the reply, if any."""
 
 
 def _check_items(items: Sequence[bytes]) -> list[bytes]:

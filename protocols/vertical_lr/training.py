@@ -37,6 +37,7 @@ feature, label, partial score or gradient of one party into a message to another
 from __future__ import annotations
 
 import secrets
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,7 +149,7 @@ class _Pair:
     done: bool = False
 
 
-class _Role:
+class _Role(ABC):
     party: Party
 
     def __init__(self, party: Party, session_id: bytes, config: TrainingConfig,
@@ -271,11 +272,13 @@ class _Role:
             self._fail(exc)
             raise  # pragma: no cover - _fail always raises
 
+    @abstractmethod
     def _start(self) -> Outgoing:
-        raise NotImplementedError
+        """The first messages of this role."""
 
+    @abstractmethod
     def _dispatch(self, msg: Message) -> Outgoing:
-        raise NotImplementedError
+        """Handle one checked message."""
 
     # -- setup --------------------------------------------------------------------------
     def _keys_parts(self, to: Party, x25519: bytes = b"") -> list[bytes]:
