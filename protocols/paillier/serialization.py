@@ -295,7 +295,8 @@ def _parse_json(text: str | bytes, expect_kind: int) -> dict[str, Any]:
         raise PaillierFormatError(f"{what}: JSON must be an object", field="json")
     if doc.get("format") != JSON_FORMAT:
         raise PaillierFormatError(f"{what}: not a cleanroom Paillier document", field="format")
-    if doc.get("version") != VERSION:
+    version = doc.get("version")
+    if type(version) is not int or version != VERSION:  # JSON true == 1 in Python: refuse it
         raise PaillierFormatError(f"{what}: unsupported version", field="version")
     if doc.get("kind") != what:
         raise PaillierFormatError(f"expected a {what}, got {str(doc.get('kind'))[:40]!r}",
@@ -336,7 +337,7 @@ def _json_int(doc: dict[str, Any], name: str) -> int:
 def _verify_json_digest(doc: dict[str, Any], kind: int, body: bytes) -> None:
     given = _get(doc, "sha256", str)
     want = hashlib.sha256(MAGIC + bytes([VERSION, kind]) + body).hexdigest()
-    if not hmac.compare_digest(given.lower(), want):
+    if not hmac.compare_digest(given.lower().encode("utf-8", "replace"), want.encode()):
         raise PaillierFormatError(f"{_KIND_NAMES[kind]}: checksum mismatch "
                                   "(corrupted or altered)", field="sha256")
 
