@@ -63,8 +63,8 @@ from cleanroom.node.context import NodeContext
 from cleanroom.policy import QuerySpec
 from cleanroom.policy.spec import InputSpec
 from cleanroom.queries.framing import Framing
-from cleanroom.queries.match import requester_items, responder_items
-from cleanroom.queries.psi_session import PsiSessionResponder, new_requester, run_requester
+from cleanroom.queries.match import align_with, requester_items, responder_items
+from cleanroom.queries.psi_session import PsiSessionResponder
 from cleanroom.queries.runners import (
     CounterpartyRun,
     QueryFailure,
@@ -80,7 +80,7 @@ from cleanroom.queries.segment_stats import _kinds, _load
 from parties import features as pf
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.psi import Mode, PsiResponder
-from protocols.psi.multikey import LABEL_BYTES, edges_from_result, resolve
+from protocols.psi.multikey import LABEL_BYTES
 from protocols.vertical_lr import (
     ModelSlice,
     Party,
@@ -387,19 +387,8 @@ class TrainLeadModelRunner(Runner):
             matched: dict[str, int] = {}
             dims: dict[str, int] = {}
             for host, ch in channels.items():
-                run.check_alive()
-                role = new_requester(items, mode=Mode.INTERSECTION, want_labels=True,
-                                     session_id=ch.protocol_session_id)
-                res = run_requester(ch, role, check_alive=run.check_alive)
-                resolution = resolve(edges_from_result(origins, res))
+                resolution = align_with(run, host, ch, items, origins)
                 matched[host] = len(resolution.pairs)
-                if matched[host] < run.min_intersection.value:
-                    raise QueryFailure(
-                        "min_intersection_size",
-                        f"the leads matched with {host} are below the minimum intersection "
-                        f"size {run.min_intersection.value} set by {run.min_intersection.rule}",
-                        rule=run.min_intersection.rule, field="params.min_intersection_size",
-                        party=run.min_intersection.rule.split(":", 1)[0])
                 pseud = b"".join(resolution.pairs[i][0] if i in resolution.pairs else _NO_RECORD
                                  for i in range(n))
                 reply = ch.exchange(frame(ALIGN, struct.pack(">II", n_train, n_val) + pseud),

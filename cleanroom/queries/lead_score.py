@@ -82,11 +82,9 @@ from cleanroom.queries.lead_model import (
     _party_kind,
     load_model,
 )
-from cleanroom.queries.match import requester_items, responder_items
+from cleanroom.queries.match import align_with, requester_items, responder_items
 from cleanroom.queries.psi_session import (
     PsiSessionResponder,
-    new_requester,
-    run_requester,
     worker_pool,
 )
 from cleanroom.queries.runners import (
@@ -113,7 +111,7 @@ from protocols.paillier import (
     to_bytes,
 )
 from protocols.psi import Mode, PsiResponder
-from protocols.psi.multikey import LABEL_BYTES, edges_from_result, resolve
+from protocols.psi.multikey import LABEL_BYTES
 from protocols.vertical_lr import (
     GradeSpec,
     ModelSlice,
@@ -383,19 +381,8 @@ class LeadScoreRunner(Runner):
             pseud: dict[str, list[bytes | None]] = {}
             matched: dict[str, int] = {}
             for host, ch in channels.items():
-                run.check_alive()
-                role = new_requester(items, mode=Mode.INTERSECTION, want_labels=True,
-                                     session_id=ch.protocol_session_id)
-                res = run_requester(ch, role, check_alive=run.check_alive)
-                resolution = resolve(edges_from_result(origins, res))
+                resolution = align_with(run, host, ch, items, origins)
                 matched[host] = len(resolution.pairs)
-                if matched[host] < run.min_intersection.value:
-                    raise QueryFailure(
-                        "min_intersection_size",
-                        f"the leads matched with {host} are below the minimum intersection "
-                        f"size {run.min_intersection.value} set by {run.min_intersection.rule}",
-                        rule=run.min_intersection.rule, field="params.min_intersection_size",
-                        party=run.min_intersection.rule.split(":", 1)[0])
                 pseud[host] = [resolution.pairs[i][0] if i in resolution.pairs else None
                                for i in range(n)]
             if mode == "strict":

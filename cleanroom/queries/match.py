@@ -62,6 +62,7 @@ from cleanroom.queries.runners import (
     RequesterRun,
     Runner,
     RunResult,
+    SessionChannel,
     SessionResponder,
     SpecRefused,
     protocol_session_id,
@@ -214,6 +215,31 @@ def _write_handle(ctx: NodeContext, handle: str, manifest: dict[str, Any],
 # --- the runner ----------------------------------------------------------------------------------
 
 
+def require_min_intersection(run: RequesterRun, n: int, what: str = "the match") -> None:
+    """Fail the query when ``n`` matched records are below the effective minimum."""
+    if n < run.min_intersection.value:
+        raise QueryFailure(
+            "min_intersection_size",
+            f"{what} is below the minimum intersection size "
+            f"{run.min_intersection.value} set by {run.min_intersection.rule}",
+            rule=run.min_intersection.rule, field="params.min_intersection_size",
+            party=run.min_intersection.rule.split(":", 1)[0])
+
+
+def align_with(run: RequesterRun, host: str, channel: SessionChannel, items: list[bytes],
+               origins: Any) -> Resolution:
+    """Multi-key intersection PSI with ``host`` on an open session, resolved one to one
+    (phone > email > device_id), checked against the minimum intersection size."""
+    run.check_alive()
+    role = new_requester(items, mode=Mode.INTERSECTION, want_labels=True,
+                         session_id=channel.protocol_session_id)
+    res = run_requester(channel, role, check_alive=run.check_alive)
+    resolution = resolve(edges_from_result(origins, res))
+    what = f"the number of leads matched with {host}"
+    require_min_intersection(run, len(resolution.pairs), what)
+    return resolution
+
+
 class MatchRunner(Runner):
     query_type = "match"
 
@@ -338,13 +364,7 @@ class MatchRunner(Runner):
 
     @staticmethod
     def _check_min(run: RequesterRun, n: int) -> None:
-        if n < run.min_intersection.value:
-            raise QueryFailure(
-                "min_intersection_size",
-                f"the match is below the minimum intersection size "
-                f"{run.min_intersection.value} set by {run.min_intersection.rule}",
-                rule=run.min_intersection.rule, field="params.min_intersection_size",
-                party=run.min_intersection.rule.split(":", 1)[0])
+        require_min_intersection(run, n)
 
     # --- counterparty --------------------------------------------------------------------------
 
