@@ -59,6 +59,7 @@ from starlette.concurrency import run_in_threadpool
 from cleanroom.anonq import QUERY_HEADER, guard, tables
 from cleanroom.errors import CleanroomError, InputError
 from cleanroom.ledger import Event, digest
+from cleanroom.node.app import DirectRoute
 from cleanroom.node.config import PeerConfig
 from cleanroom.node.context import NodeContext
 from cleanroom.node.deps import (
@@ -66,7 +67,6 @@ from cleanroom.node.deps import (
     CurrentPeer,
     NodeContextDep,
     OperatorAuth,
-    body_limit,
 )
 from cleanroom.policy import Policy
 from protocols.errors import RemoteProtocolError
@@ -383,122 +383,6 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
             "max_points_per_request": MAX_POINTS,
         }
 
-    @peer_router.post("/anonq/tables/{name}/eval", summary="Blinded OPRF evaluation")
-    @body_limit(EVAL_BODY_LIMIT)
-    async def evaluate(name: str, request: Request, caller: CurrentPeer,
-                       ctx: NodeContextDep) -> Response:
-        st = state_of(ctx)
-        policy = guard.node_policy(ctx)
-        try:
-            src = _admit(st, caller, name, charge=True, policy=policy)
-        except guard.Refused as exc:
-            return _refused(request, exc)
-        body = await request.body()
-        st.capture("eval", body)
-        qid = guard.query_label(request.headers.get(QUERY_HEADER))
-        try:
-            msg = decode(body, max_bytes=EVAL_BODY_LIMIT)
-            if not isinstance(msg, EvalRequest):
-                raise RemoteProtocolError(
-                    f"{type(msg).__name__} sent to the evaluation endpoint", status_hint=409)
-        except RemoteProtocolError as exc:
-            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
-                                 "eval_request", body)
-            return _protocol(request, exc)
-        label = guard.session_label(msg.session_id)
-        role = AnonymousQueryOwner(src, querier_id=caller.name, session_id=msg.session_id,
-                                   budget=_budget(st, caller, src, policy),
-                                   max_points=MAX_POINTS,
-                                   allowed_modes=frozenset({Mode.BATCH, Mode.REALTIME}))
-        try:
-            step = role.receive(body)
-            assert step.job is not None
-        except RemoteProtocolError as exc:
-            await _record_failed(st, qid, label, caller.name, "eval_request", body)
-            return _protocol(request, exc)
-        except guard.Refused as exc:
-            await _record_failed(st, qid, label, caller.name, "eval_request", body)
-            return _refused(request, exc)
-        # The session's opening entries go to the group commit now, so the commit runs
-        # while the points are evaluated (durability rule: docs/protocols/anonymous-query.md).
-        opening = st.recorder.submit([
-            guard.started(qid, label, caller.name),
-            *guard.message_events(qid, label, caller.name, ("eval_request", body), None)])
-        try:
-            try:
-                output = await _evaluate(src.key, msg.points)
-            except RemoteProtocolError as exc:
-                role.fail(exc)
-            reply = role.complete(step, output)
-            assert reply is not None
-            sent = guard.message_events(qid, label, caller.name, None, ("eval_response", reply))
-            if msg.mode is Mode.REALTIME:
-                # The bucket request closes the session (or, if it never comes, its expiry).
-                st.put_session(caller.name, msg.session_id, _Session(
-                    role, qid, label, name, time.monotonic(), len(body), len(reply), sent,
-                    opening))
-        except (RemoteProtocolError, guard.Refused) as exc:
-            await _record_failed(st, qid, label, caller.name, "eval_request", body,
-                                 started=False, received=False)
-            return (_protocol(request, exc) if isinstance(exc, RemoteProtocolError)
-                    else _refused(request, exc))
-        if msg.mode is not Mode.BATCH:
-            return Response(reply, media_type=OCTET)
-        # Batch: the querier holds the table, so this reply opens labels: it waits until
-        # the session's opening entries are durable; its closing entries follow them.
-        await _closing(st, opening, [*sent, guard.ended(
-            qid, label, caller.name, "ok", received=1, sent=1, bytes_received=len(body),
-            bytes_sent=len(reply))])
-        return Response(reply, media_type=OCTET)
-
-    @peer_router.post("/anonq/tables/{name}/buckets", summary="Buckets of a real-time session")
-    @body_limit(BUCKET_BODY_LIMIT)
-    async def buckets(name: str, request: Request, caller: CurrentPeer,
-                      ctx: NodeContextDep) -> Response:
-        st = state_of(ctx)
-        try:
-            _admit(st, caller, name, charge=False)
-        except guard.Refused as exc:
-            return _refused(request, exc)
-        body = await request.body()
-        st.capture("buckets", body)
-        qid = guard.query_label(request.headers.get(QUERY_HEADER))
-        try:
-            msg = decode(body, max_bytes=BUCKET_BODY_LIMIT)
-            if not isinstance(msg, BucketRequest):
-                raise RemoteProtocolError(
-                    f"{type(msg).__name__} sent to the bucket endpoint", status_hint=409)
-        except RemoteProtocolError as exc:
-            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
-                                 "bucket_request", body)
-            return _protocol(request, exc)
-        session = st.take_session(caller.name, msg.session_id)
-        if session is None or session.table != name:
-            return _protocol(request, RemoteProtocolError(
-                "no open real-time session with this id (expired, finished or never "
-                "evaluated)", status_hint=409))
-        qid = session.query_id
-        try:
-            step = session.role.receive(body)
-            reply = step.reply
-            assert reply is not None
-        except RemoteProtocolError as exc:
-            st.recorder.submit(session.pending)
-            await _record_failed(st, qid, session.label, caller.name, "bucket_request", body,
-                                 started=False)
-            return _protocol(request, exc)
-        # The bucket opens labels: the session's opening entries (submitted at its EVAL,
-        # usually durable by now) must be durable first; the rest follows them.
-        await _closing(st, session.opening, [
-            *session.pending,
-            *guard.message_events(qid, session.label, caller.name, ("bucket_request", body),
-                                  ("bucket_response", reply)),
-            guard.ended(qid, session.label, caller.name, "ok", received=2, sent=2,
-                        bytes_received=session.bytes_in + len(body),
-                        bytes_sent=session.bytes_out + len(reply)),
-        ])
-        return Response(reply, media_type=OCTET)
-
     @peer_router.get("/anonq/tables/{name}/download",
                      summary="The whole table, or a delta from the version the caller holds")
     async def download(name: str, request: Request, caller: CurrentPeer,
@@ -621,6 +505,128 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
         return await run_in_threadpool(run)
 
     return [peer_router, operator]
+
+
+def direct_routes(ctx: NodeContext) -> list[DirectRoute]:
+    """The two real-time hot paths, served by the node's guard without FastAPI routing
+    (:class:`cleanroom.node.app.DirectRoute`): a lookup is two small requests."""
+
+    async def evaluate(request: Request, caller: PeerConfig, name: str) -> Response:
+        st = state_of(ctx)
+        policy = guard.node_policy(ctx)
+        try:
+            src = _admit(st, caller, name, charge=True, policy=policy)
+        except guard.Refused as exc:
+            return _refused(request, exc)
+        body = await request.body()
+        st.capture("eval", body)
+        qid = guard.query_label(request.headers.get(QUERY_HEADER))
+        try:
+            msg = decode(body, max_bytes=EVAL_BODY_LIMIT)
+            if not isinstance(msg, EvalRequest):
+                raise RemoteProtocolError(
+                    f"{type(msg).__name__} sent to the evaluation endpoint", status_hint=409)
+        except RemoteProtocolError as exc:
+            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
+                                 "eval_request", body)
+            return _protocol(request, exc)
+        label = guard.session_label(msg.session_id)
+        role = AnonymousQueryOwner(src, querier_id=caller.name, session_id=msg.session_id,
+                                   budget=_budget(st, caller, src, policy),
+                                   max_points=MAX_POINTS,
+                                   allowed_modes=frozenset({Mode.BATCH, Mode.REALTIME}))
+        try:
+            step = role.receive(body)
+            assert step.job is not None
+        except RemoteProtocolError as exc:
+            await _record_failed(st, qid, label, caller.name, "eval_request", body)
+            return _protocol(request, exc)
+        except guard.Refused as exc:
+            await _record_failed(st, qid, label, caller.name, "eval_request", body)
+            return _refused(request, exc)
+        # The session's opening entries go to the group commit now, so the commit runs
+        # while the points are evaluated (durability rule: docs/protocols/anonymous-query.md).
+        opening = st.recorder.submit([
+            guard.started(qid, label, caller.name),
+            *guard.message_events(qid, label, caller.name, ("eval_request", body), None)])
+        try:
+            try:
+                output = await _evaluate(src.key, msg.points)
+            except RemoteProtocolError as exc:
+                role.fail(exc)
+            reply = role.complete(step, output)
+            assert reply is not None
+            sent = guard.message_events(qid, label, caller.name, None, ("eval_response", reply))
+            if msg.mode is Mode.REALTIME:
+                # The bucket request closes the session (or, if it never comes, its expiry).
+                st.put_session(caller.name, msg.session_id, _Session(
+                    role, qid, label, name, time.monotonic(), len(body), len(reply), sent,
+                    opening))
+        except (RemoteProtocolError, guard.Refused) as exc:
+            await _record_failed(st, qid, label, caller.name, "eval_request", body,
+                                 started=False, received=False)
+            return (_protocol(request, exc) if isinstance(exc, RemoteProtocolError)
+                    else _refused(request, exc))
+        if msg.mode is not Mode.BATCH:
+            return Response(reply, media_type=OCTET)
+        # Batch: the querier holds the table, so this reply opens labels: it waits until
+        # the session's opening entries are durable; its closing entries follow them.
+        await _closing(st, opening, [*sent, guard.ended(
+            qid, label, caller.name, "ok", received=1, sent=1, bytes_received=len(body),
+            bytes_sent=len(reply))])
+        return Response(reply, media_type=OCTET)
+
+    async def buckets(request: Request, caller: PeerConfig, name: str) -> Response:
+        st = state_of(ctx)
+        try:
+            _admit(st, caller, name, charge=False)
+        except guard.Refused as exc:
+            return _refused(request, exc)
+        body = await request.body()
+        st.capture("buckets", body)
+        qid = guard.query_label(request.headers.get(QUERY_HEADER))
+        try:
+            msg = decode(body, max_bytes=BUCKET_BODY_LIMIT)
+            if not isinstance(msg, BucketRequest):
+                raise RemoteProtocolError(
+                    f"{type(msg).__name__} sent to the bucket endpoint", status_hint=409)
+        except RemoteProtocolError as exc:
+            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
+                                 "bucket_request", body)
+            return _protocol(request, exc)
+        session = st.take_session(caller.name, msg.session_id)
+        if session is None or session.table != name:
+            return _protocol(request, RemoteProtocolError(
+                "no open real-time session with this id (expired, finished or never "
+                "evaluated)", status_hint=409))
+        qid = session.query_id
+        try:
+            step = session.role.receive(body)
+            reply = step.reply
+            assert reply is not None
+        except RemoteProtocolError as exc:
+            st.recorder.submit(session.pending)
+            await _record_failed(st, qid, session.label, caller.name, "bucket_request", body,
+                                 started=False)
+            return _protocol(request, exc)
+        # The bucket opens labels: the session's opening entries (submitted at its EVAL,
+        # usually durable by now) must be durable first; the rest follows them.
+        await _closing(st, session.opening, [
+            *session.pending,
+            *guard.message_events(qid, session.label, caller.name, ("bucket_request", body),
+                                  ("bucket_response", reply)),
+            guard.ended(qid, session.label, caller.name, "ok", received=2, sent=2,
+                        bytes_received=session.bytes_in + len(body),
+                        bytes_sent=session.bytes_out + len(reply)),
+        ])
+        return Response(reply, media_type=OCTET)
+
+    return [
+        DirectRoute("POST", "/v1/peer/anonq/tables/{name}/eval", evaluate, EVAL_BODY_LIMIT,
+                    "Blinded OPRF evaluation"),
+        DirectRoute("POST", "/v1/peer/anonq/tables/{name}/buckets", buckets,
+                    BUCKET_BODY_LIMIT, "Buckets of a real-time session"),
+    ]
 
 
 async def _closing(st: _State, opening: Future[None], events: list[Event]) -> None:

@@ -3,7 +3,14 @@
 To add endpoints, write a module with ``def routers(ctx: NodeContext) -> list[APIRouter]``
 and add its dotted name to :data:`ROUTER_MODULES`. Peer endpoints go under ``/v1/peer/``
 (use the ``CurrentPeer`` dependency), operator endpoints under ``/v1/`` (``OperatorAuth``).
-A module may also define ``async def on_startup(ctx)`` / ``async def on_shutdown(ctx)``.
+A module may also define ``async def on_startup(ctx)`` / ``async def on_shutdown(ctx)``,
+and ``def direct_routes(ctx) -> list[DirectRoute]``: hot peer endpoints (many small
+requests a second) that :class:`NodeGuard` serves itself, skipping FastAPI's routing,
+dependency solving and middleware (about half of a small request's server CPU). A direct
+endpoint is ``async def endpoint(request, caller, **path_params) -> Response`` for a pinned
+peer ``caller``; it gets the same request id, access rules, body limit, access log and
+error mapping (:func:`error_response`) as every other endpoint, but no OpenAPI entry
+(docs/api.md lists them).
 
 Every request passes :class:`NodeGuard` first: it assigns the request id (taken from a
 well-formed ``X-Request-ID`` or generated, echoed on the response), applies the access
@@ -20,13 +27,14 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 
@@ -73,13 +81,47 @@ def error_body(status: int, code: str, message: str, rid: str, **extra: Any) -> 
     return {"error": {"code": code, "message": message, "request_id": rid, **extra}}
 
 
+@dataclass(frozen=True)
+class DirectRoute:
+    """A peer endpoint :class:`NodeGuard` serves without FastAPI (see the module docstring).
+
+    ``path`` is a template such as ``/v1/peer/anonq/tables/{name}/eval``: each ``{param}``
+    matches one path segment and is passed to ``endpoint`` by keyword."""
+
+    method: str
+    path: str
+    endpoint: Callable[..., Awaitable[Response]]
+    body_limit: int
+    summary: str = ""
+
+    def pattern(self) -> re.Pattern[str]:
+        if not self.path.startswith("/v1/peer/"):
+            raise ValueError(f"direct route {self.path}: only peer endpoints can be direct")
+        parts = re.split(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path)
+        regex = "".join(
+            re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts)
+        )
+        return re.compile(regex)
+
+
 class NodeGuard:
     """Request id, access control, body size limit and access log, as plain ASGI."""
 
-    def __init__(self, app: ASGIApp, ctx: NodeContext, large_routes: list[tuple[BaseRoute, int]]):
+    def __init__(self, app: ASGIApp, ctx: NodeContext, large_routes: list[tuple[BaseRoute, int]],
+                 direct_routes: Sequence[DirectRoute] = ()):
         self.app = app
         self.ctx = ctx
         self.large_routes = large_routes
+        self.direct: dict[str, list[tuple[re.Pattern[str], DirectRoute]]] = {}
+        for route in direct_routes:
+            self.direct.setdefault(route.method.upper(), []).append((route.pattern(), route))
+
+    def _direct_for(self, scope: Scope) -> tuple[DirectRoute, dict[str, str]] | None:
+        for pattern, route in self.direct.get(scope.get("method", ""), ()):
+            m = pattern.fullmatch(scope.get("path", ""))
+            if m is not None:
+                return route, m.groupdict()
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,7 +153,8 @@ class NodeGuard:
                     error_body(caller.status, caller.code, caller.message, rid),
                 )
                 return
-            limit = self._limit_for(scope)
+            direct = self._direct_for(scope)
+            limit = direct[0].body_limit if direct is not None else self._limit_for(scope)
             declared = _content_length(scope)
             if declared is not None and declared > limit:
                 await _send_json(send_with_id, 413, _too_large(limit, rid))
@@ -134,7 +177,11 @@ class NodeGuard:
                 await send_with_id(message)
 
             try:
-                await self.app(scope, limited_receive, guarded_send)
+                if direct is not None:
+                    await _serve_direct(direct[0], direct[1], scope, limited_receive,
+                                        guarded_send)
+                else:
+                    await self.app(scope, limited_receive, guarded_send)
             except Exception:
                 if not exceeded[0]:
                     raise
@@ -218,66 +265,70 @@ def _rid(request: Request) -> str:
     return rid
 
 
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(InputError)
-    async def _input(request: Request, exc: InputError) -> JSONResponse:
+def error_response(rid: str, exc: Exception) -> JSONResponse:
+    """The JSON error reply for ``exc``: bad input 400, refusals 409, HTTP errors as raised,
+    validation 422, a peer's failure 502; anything unexpected 500 (logged)."""
+    if isinstance(exc, InputError):
         extra = {k: v for k, v in (("column", exc.column), ("row", exc.row)) if v is not None}
+        return JSONResponse(error_body(400, "input_error", str(exc), rid, **extra),
+                            status_code=400)
+    if isinstance(exc, PeerCallError):
+        return JSONResponse(error_body(502, "peer_call_failed", str(exc), rid, peer=exc.peer),
+                            status_code=502)
+    if isinstance(exc, ConfigError):
+        log.error("configuration problem while serving %s: %s", rid, exc)
         return JSONResponse(
-            error_body(400, "input_error", str(exc), _rid(request), **extra), status_code=400
-        )
-
-    @app.exception_handler(PeerCallError)
-    async def _peer(request: Request, exc: PeerCallError) -> JSONResponse:
-        return JSONResponse(
-            error_body(502, "peer_call_failed", str(exc), _rid(request), peer=exc.peer),
-            status_code=502,
-        )
-
-    @app.exception_handler(ConfigError)
-    async def _config(request: Request, exc: ConfigError) -> JSONResponse:
-        log.error("configuration problem while serving %s: %s", _rid(request), exc)
-        return JSONResponse(
-            error_body(
-                500, "node_config", "node configuration problem; see the node log", _rid(request)
-            ),
+            error_body(500, "node_config", "node configuration problem; see the node log", rid),
             status_code=500,
         )
-
-    @app.exception_handler(CleanroomError)
-    async def _cleanroom(request: Request, exc: CleanroomError) -> JSONResponse:
-        return JSONResponse(error_body(409, "refused", str(exc), _rid(request)), status_code=409)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, CleanroomError):
+        return JSONResponse(error_body(409, "refused", str(exc), rid), status_code=409)
+    if isinstance(exc, StarletteHTTPException):
         code = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "bad_method"}.get(
             exc.status_code, f"http_{exc.status_code}"
         )
         return JSONResponse(
-            error_body(exc.status_code, code, str(exc.detail), _rid(request)),
+            error_body(exc.status_code, code, str(exc.detail), rid),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if isinstance(exc, RequestValidationError):
         problems = []
         for err in exc.errors()[:10]:
             loc = ".".join(str(x) for x in err.get("loc", ()))
             problems.append(f"{loc}: {err.get('msg', 'invalid')}")
         return JSONResponse(
-            error_body(
-                422, "invalid_request", "; ".join(problems) or "invalid request", _rid(request)
-            ),
+            error_body(422, "invalid_request", "; ".join(problems) or "invalid request", rid),
             status_code=422,
         )
+    log.error("unexpected error in request %s", rid, exc_info=exc)
+    return JSONResponse(
+        error_body(500, "internal", "internal error; see the node log", rid), status_code=500
+    )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error in request %s", _rid(request))
-        return JSONResponse(
-            error_body(500, "internal", "internal error; see the node log", _rid(request)),
-            status_code=500,
-        )
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(_rid(request), exc)
+
+    for kind in (InputError, PeerCallError, ConfigError, CleanroomError,
+                 StarletteHTTPException, RequestValidationError, Exception):
+        app.add_exception_handler(kind, handler)
+
+
+async def _serve_direct(route: DirectRoute, params: dict[str, str], scope: Scope,
+                        receive: Receive, send: Send) -> None:
+    request = Request(scope, receive)
+    caller = scope.get(CALLER_KEY)
+    try:
+        if not isinstance(caller, PeerConfig):  # authorize() already refused others
+            raise StarletteHTTPException(403, "peer endpoints are for pinned peers only")
+        response = await route.endpoint(request, caller, **params)
+    except _BodyTooLarge:
+        raise
+    except Exception as exc:
+        response = error_response(scope.get(REQUEST_ID_KEY, ""), exc)
+    await response(scope, receive, send)
 
 
 def create_app(ctx: NodeContext) -> FastAPI:
@@ -317,5 +368,10 @@ def create_app(ctx: NodeContext) -> FastAPI:
         if marker is not None:
             limit = ctx.config.limits.max_upload_bytes if marker == "upload" else int(marker)
             large.append((route, limit))
-    app.add_middleware(NodeGuard, ctx=ctx, large_routes=large)
+    direct: list[DirectRoute] = []
+    for m in modules:
+        hook = getattr(m, "direct_routes", None)
+        if hook is not None:
+            direct.extend(hook(ctx))
+    app.add_middleware(NodeGuard, ctx=ctx, large_routes=large, direct_routes=direct)
     return app

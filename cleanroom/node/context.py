@@ -59,6 +59,7 @@ class NodeContext:
 
     def __init__(self, config: NodeConfig, identity: NodeIdentity, engine: Engine) -> None:
         self._config = config
+        self._config_file = str(config.node_dir / CONFIG_FILE)
         self.identity = identity
         self.engine = engine
         self._lock = threading.Lock()
@@ -100,7 +101,7 @@ class NodeContext:
 
     def _config_stamp(self) -> tuple[int, int] | None:
         try:
-            st = (self._config.node_dir / CONFIG_FILE).stat()
+            st = os.stat(self._config_file)  # a plain string path: this runs per request
         except OSError:
             return None
         return (st.st_mtime_ns, st.st_size)

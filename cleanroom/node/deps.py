@@ -102,9 +102,11 @@ def authorize(
 
 
 # --- dependencies -------------------------------------------------------------------------------
+# The non-blocking ones are ``async def``: FastAPI runs a plain ``def`` dependency in a worker
+# thread, a hop that cost more than the whole check on every request.
 
 
-def get_node_context(request: Request) -> NodeContext:
+async def get_node_context(request: Request) -> NodeContext:
     ctx: NodeContext = request.app.state.node_context
     return ctx
 
@@ -112,7 +114,7 @@ def get_node_context(request: Request) -> NodeContext:
 NodeContextDep = Annotated[NodeContext, Depends(get_node_context)]
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     rid: str = request.scope.get(REQUEST_ID_KEY, "")
     return rid
 
@@ -129,7 +131,7 @@ def _decide(request: Request, ctx: NodeContext) -> PeerConfig | Operator | None:
     return caller
 
 
-def current_peer(request: Request, ctx: NodeContextDep) -> PeerConfig:
+async def current_peer(request: Request, ctx: NodeContextDep) -> PeerConfig:
     """The pinned peer making this request (403 for anyone else)."""
     caller = _decide(request, ctx)
     if not isinstance(caller, PeerConfig):
@@ -143,7 +145,7 @@ def current_peer(request: Request, ctx: NodeContextDep) -> PeerConfig:
 CurrentPeer = Annotated[PeerConfig, Depends(current_peer)]
 
 
-def operator_auth(request: Request, ctx: NodeContextDep) -> Operator:
+async def operator_auth(request: Request, ctx: NodeContextDep) -> Operator:
     """The local operator (own certificate and operator token), else 401/403."""
     caller = _decide(request, ctx)
     if not isinstance(caller, Operator):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import hashlib
 import os
 import re
@@ -95,11 +96,11 @@ class NodeIdentity:
     cert_pem: bytes
     certificate: x509.Certificate
 
-    @property
+    @functools.cached_property
     def cert_der(self) -> bytes:
         return self.certificate.public_bytes(serialization.Encoding.DER)
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """SHA-256 of the DER certificate (64 lowercase hex digits)."""
         return fingerprint_der(self.cert_der)

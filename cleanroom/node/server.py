@@ -21,7 +21,7 @@ import uvicorn
 from cleanroom.errors import CleanroomError
 from cleanroom.node.app import create_app
 from cleanroom.node.context import NodeContext
-from cleanroom.node.tls import ClientCertH11Protocol, server_ssl_context
+from cleanroom.node.tls import ClientCertHttpToolsProtocol, server_ssl_context
 
 log = logging.getLogger("cleanroom.node")
 GRACEFUL_SECONDS = 10
@@ -98,7 +98,8 @@ def serve(node_dir: Path, *, log_level: str = "info") -> int:
         sslctx = server_ssl_context(ctx)
         config = uvicorn.Config(
             app,
-            http=ClientCertH11Protocol,
+            http=ClientCertHttpToolsProtocol,
+            loop="uvloop",
             ssl_context_factory=lambda _cfg, _default: sslctx,
             lifespan="on",
             access_log=False,

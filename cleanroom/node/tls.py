@@ -7,9 +7,10 @@ through the SNI callback, so the new peer's first handshake already succeeds); r
 cannot be undone in OpenSSL's store, so authorisation is decided per request by exact
 fingerprint (a removed peer gets 403).
 
-uvicorn does not put the client certificate into the ASGI scope. ``ClientCertH11Protocol``
-(passed to uvicorn as ``http=``) reads it from the connection's ``ssl_object`` once per
-connection and wraps the app so every request scope carries the ASGI TLS extension
+uvicorn does not put the client certificate into the ASGI scope.
+``ClientCertHttpToolsProtocol`` (passed to uvicorn as ``http=``; ``ClientCertH11Protocol``
+is its pure-Python twin) reads it from the connection's ``ssl_object`` once per connection
+and wraps the app so every request scope carries the ASGI TLS extension
 (``scope["extensions"]["tls"]["client_cert_chain"]``) and the certificate's SHA-256
 fingerprint under ``scope["cleanroom.client_fingerprint"]``.
 This module decides nothing about authorisation; see ``cleanroom.node.deps``.
@@ -25,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from cleanroom.node.config import NodeConfig
 from cleanroom.node.context import NodeContext
@@ -66,29 +68,41 @@ def _trust(sslctx: ssl.SSLContext, pems: Iterable[bytes]) -> None:
         sslctx.load_verify_locations(cadata=data)
 
 
+def _with_client_cert(transport: asyncio.Transport, inner: Any) -> Any:
+    """``inner`` (the ASGI app) wrapped so each request scope carries the client certificate."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    der: bytes | None = None
+    if ssl_object is not None:
+        der = ssl_object.getpeercert(True)
+    fingerprint = hashlib.sha256(der).hexdigest() if der else None
+    tls: dict[str, Any] = {
+        "server_cert": None,
+        "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
+        "client_cert_name": None,
+        "client_cert_error": None,
+        "tls_version": _TLS13 if ssl_object is not None else None,
+        "cipher_suite": None,
+    }
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scope.setdefault("extensions", {})["tls"] = tls
+        scope[FINGERPRINT_KEY] = fingerprint
+        await inner(scope, receive, send)
+
+    return app
+
+
 class ClientCertH11Protocol(H11Protocol):
     """uvicorn's h11 protocol, plus the verified client certificate in every request scope."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        ssl_object = transport.get_extra_info("ssl_object")
-        der: bytes | None = None
-        if ssl_object is not None:
-            der = ssl_object.getpeercert(True)
-        fingerprint = hashlib.sha256(der).hexdigest() if der else None
-        tls: dict[str, Any] = {
-            "server_cert": None,
-            "client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
-            "client_cert_name": None,
-            "client_cert_error": None,
-            "tls_version": _TLS13 if ssl_object is not None else None,
-            "cipher_suite": None,
-        }
-        inner = self.app
+        self.app = _with_client_cert(transport, self.app)
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            scope.setdefault("extensions", {})["tls"] = tls
-            scope[FINGERPRINT_KEY] = fingerprint
-            await inner(scope, receive, send)
 
-        self.app = app
+class ClientCertHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol (C parser), plus the client certificate per request."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.app = _with_client_cert(transport, self.app)
