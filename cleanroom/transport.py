@@ -6,7 +6,9 @@ fingerprint of what the server presented; host names are not used for trust), ap
 timeouts, retries idempotent calls a bounded number of times, puts a request id on every
 call (kept across retries), streams large bodies in both directions and enforces size
 limits. Every failure is a :class:`PeerCallError` naming the peer, the call and the
-request id.
+request id. :meth:`PeerClient.exchange` is the hot path for many small POSTs (real-time
+lookups): the same pinning, limits and errors over one keep-alive connection of the
+standard library's ``http.client``, which costs a fraction of httpx's per-call overhead.
 
 This module moves bytes and JSON; it must not log or inspect payloads, and it knows
 nothing about the node's database or configuration files (callers pass paths and PEMs;
@@ -16,14 +18,17 @@ nothing about the node's database or configuration files (callers pass paths and
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json as jsonlib
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Container, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -33,6 +38,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 DEFAULT_CHUNK = 64 * 1024
 _RETRY_STATUS = frozenset({502, 503, 504})
 _IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+MAX_IDLE_CONNECTIONS = 8  # keep-alive connections PeerClient.exchange keeps per client
 
 
 class PeerCallError(CleanroomError):
@@ -114,18 +120,28 @@ class PeerClient:
         headers = {"User-Agent": "cleanroom-node"}
         if bearer_token is not None:
             headers["Authorization"] = f"Bearer {bearer_token}"
+        self._headers = headers
+        self._ssl = client_ssl_context(peer_cert_pem, own_cert_path, own_key_path)
+        self._timeout = timeout
+        self._connect_timeout = connect_timeout
         self._client = httpx.Client(
             base_url=self.base_url,
-            verify=client_ssl_context(peer_cert_pem, own_cert_path, own_key_path),
+            verify=self._ssl,
             timeout=httpx.Timeout(timeout, connect=connect_timeout),
             headers=headers,
             follow_redirects=False,
         )
+        self._idle: list[http.client.HTTPSConnection] = []  # keep-alive, for exchange()
+        self._idle_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
         self._client.close()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def __enter__(self) -> PeerClient:
         return self
@@ -284,6 +300,108 @@ class PeerClient:
         assert last is not None
         raise last
 
+    def exchange(
+        self,
+        path: str,
+        body: bytes,
+        *,
+        headers: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> bytes:
+        """POST a small ``body`` and return the response body (2xx), for hot paths.
+
+        Keep-alive connections of ``http.client`` (one per concurrent call, reused after),
+        the pinned certificate checked at connect, the request and response size limits of
+        :meth:`request`. The call is not idempotent, so it is never retried, except once on
+        a fresh connection when a reused keep-alive connection turns out to be closed
+        before any reply (the server never read the request). Raises
+        :class:`PeerCallError` like :meth:`request`.
+        """
+        rid = request_id or new_request_id()
+        if len(body) > self.max_request_bytes:
+            raise self._error("POST", path, f"request body of {len(body)} bytes exceeds the "
+                              f"limit of {self.max_request_bytes} bytes", rid)
+        all_headers = {**self._headers, REQUEST_ID_HEADER: rid, **(headers or {}),
+                       "Content-Length": str(len(body))}
+        for attempt in (0, 1):
+            conn, reused = self._checkout(path, rid)
+            try:
+                conn.request("POST", path, body=body, headers=all_headers)
+                response = conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                conn.close()
+                if reused and attempt == 0:
+                    continue
+                raise self._error("POST", path, "the connection was closed by the peer: "
+                                  f"{exc or type(exc).__name__}", rid) from None
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                reason = ("timed out" if isinstance(exc, TimeoutError)
+                          else str(exc) or type(exc).__name__)
+                raise self._error("POST", path, reason, rid) from None
+            try:
+                data = self._read_fast(response, path, rid)
+            except PeerCallError:
+                conn.close()
+                raise
+            if response.will_close:
+                conn.close()
+            else:
+                self._checkin(conn)
+            break
+        if 200 <= response.status < 300:
+            return data
+        detail = _error_message(data) if len(data) <= 65536 else ""
+        raise self._error("POST", path, f"HTTP {response.status}"
+                          + (f": {detail}" if detail else ""), rid, response.status)
+
+    def _checkout(self, path: str, rid: str) -> tuple[http.client.HTTPSConnection, bool]:
+        with self._idle_lock:
+            if self._idle:
+                return self._idle.pop(), True
+        url = urlsplit(self.base_url)
+        conn = http.client.HTTPSConnection(url.hostname or "", url.port or 443,
+                                           timeout=self._connect_timeout, context=self._ssl)
+        try:
+            conn.connect()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            text = str(exc) or type(exc).__name__
+            if "CERTIFICATE_VERIFY_FAILED" in text:
+                text = "TLS: the server's certificate is not the pinned one"
+            raise self._error("POST", path, f"cannot connect to {self.base_url}: {text}",
+                              rid) from None
+        sock = conn.sock
+        der = sock.getpeercert(True) if isinstance(sock, ssl.SSLSocket) else None
+        if der is None or hashlib.sha256(der).hexdigest() != self.fingerprint:
+            conn.close()
+            raise self._error("POST", path, "the server's certificate is not the pinned one",
+                              rid)
+        sock.settimeout(self._timeout)
+        return conn, False
+
+    def _checkin(self, conn: http.client.HTTPSConnection) -> None:
+        with self._idle_lock:
+            if len(self._idle) < MAX_IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _read_fast(self, response: http.client.HTTPResponse, path: str, rid: str) -> bytes:
+        length = response.getheader("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_response_bytes:
+            raise self._error("POST", path, f"response exceeds the limit of "
+                              f"{self.max_response_bytes} bytes", rid)
+        try:
+            data = response.read(self.max_response_bytes + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._error("POST", path, f"reading the reply failed: {exc}", rid) from None
+        if len(data) > self.max_response_bytes:
+            raise self._error("POST", path, f"response exceeds the limit of "
+                              f"{self.max_response_bytes} bytes", rid)
+        return data
+
     # --- helpers -------------------------------------------------------------------------------
 
     def _error(
@@ -352,8 +470,13 @@ class PeerClient:
 
 
 def _error_detail(response: httpx.Response) -> str:
+    return _error_message(response.content)
+
+
+def _error_message(body: bytes) -> str:
+    """The message of a node's JSON error body (or FastAPI's ``detail``), else ""."""
     try:
-        data = response.json()
+        data = jsonlib.loads(body)
     except ValueError:
         return ""
     if isinstance(data, dict):

@@ -122,3 +122,94 @@ def test_streaming_both_ways_and_response_limit(three_nodes: dict[str, RunningNo
     ):
         for _ in stream:
             pass
+
+
+class _OneShotTlsServer:
+    """A TLS server that answers one small POST per connection and then closes it (as a
+    server does with an idle keep-alive connection), counting connections."""
+
+    def __init__(self, identity: NodeIdentity) -> None:
+        import ssl
+
+        self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ssl.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.count = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            self.count += 1
+            try:
+                with self.ssl.wrap_socket(raw, server_side=True) as conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(4096)
+                    head, body = data.split(b"\r\n\r\n", 1)
+                    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length:"))
+                    while len(body) < length:
+                        body += conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(body), body[::-1]))
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_exchange_reuses_connections_and_reconnects_once_when_the_idle_one_was_closed(
+        identity: NodeIdentity) -> None:
+    server = _OneShotTlsServer(identity)
+    try:
+        with _client(identity, f"https://127.0.0.1:{server.port}") as client:
+            assert client.exchange("/v1/peer/x", b"abc") == b"cba"
+            assert server.count == 1
+            # the server closed that connection after replying: the next call finds the
+            # reused connection dead before any reply and sends once more on a fresh one
+            assert client.exchange("/v1/peer/x", b"hello") == b"olleh"
+            assert server.count == 2
+    finally:
+        server.close()
+
+
+def test_exchange_refuses_a_server_that_is_not_the_pinned_one(
+        identity: NodeIdentity, tmp_path: Path) -> None:
+    other = NodeIdentity.create(tmp_path / "other", name="other", party="media")
+    server = _OneShotTlsServer(other)
+    try:
+        with (_client(identity, f"https://127.0.0.1:{server.port}") as client,
+              pytest.raises(PeerCallError, match="not the pinned one")):
+            client.exchange("/v1/peer/x", b"abc")
+    finally:
+        server.close()
+
+
+def test_exchange_limits_and_errors_through_a_node(three_nodes: dict[str, RunningNode]) -> None:
+    oem, media = three_nodes["oem"], three_nodes["media"]
+    with media.client_from(oem) as client:
+        reply = client.exchange("/v1/peer/probe", b"x" * 1000)
+        assert reply == (b'{"bytes":1000,"sha256":"%s"}'
+                         % hashlib.sha256(b"x" * 1000).hexdigest().encode())
+        first = client._idle[0]
+        client.exchange("/v1/peer/probe", b"y")
+        assert client._idle == [first]  # one keep-alive connection, reused
+        with pytest.raises(PeerCallError) as info:
+            client.exchange("/v1/peer/anonq/tables/no_such_table/eval", b"z")
+        assert info.value.status == 404 and "no_such_table" in str(info.value)
+        assert info.value.request_id and info.value.request_id in str(info.value)
+    with (media.client_from(oem, max_request_bytes=10) as client,
+          pytest.raises(PeerCallError, match="exceeds the limit of 10 bytes")):
+        client.exchange("/v1/peer/probe", b"x" * 11)
+    with (media.client_from(oem, max_response_bytes=20) as client,
+          pytest.raises(PeerCallError, match="response exceeds the limit of 20 bytes")):
+        client.exchange("/v1/peer/probe", b"x" * 100)

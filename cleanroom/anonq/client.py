@@ -139,10 +139,8 @@ def lookup_realtime(
 
 
 def _post(client: PeerClient, path: str, body: bytes, query_id: str | None) -> bytes:
-    resp = client.request("POST", path, content=body, idempotent=False,
-                          headers={"Content-Type": "application/octet-stream",
-                                   **_headers(query_id)})
-    return resp.content
+    return client.exchange(path, body, headers={"Content-Type": "application/octet-stream",
+                                                **_headers(query_id)})
 
 
 # --- batch -----------------------------------------------------------------------------
