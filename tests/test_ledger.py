@@ -502,3 +502,16 @@ def test_rewritten_and_resigned_history_is_a_fork_against_the_cosignature(
         dealer.witness("oem", oem.verifier,
                        sign_checkpoint(Checkpoint(oem.origin, 12, t.root()), oem.signer), [])
     assert [a.reason for a in dealer.verify().alarms] == ["fork"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="0123456789abcdefABCDEF+-. @x,;:sha256\u00e9", max_size=70))
+def test_the_combined_raw_data_search_agrees_with_one_search_per_pattern(text: str) -> None:
+    from cleanroom.ledger import entries
+
+    cleaned = entries._DIGEST_TOKEN.sub(" ", text)
+    expected = next((k for k, p in entries._RAW_PATTERNS if p.search(cleaned)), None)
+    assert entries._raw_kind(text) == expected
+    assert entries._raw_kind(text * 5) == next(
+        (k for k, p in entries._RAW_PATTERNS if p.search(entries._DIGEST_TOKEN.sub(" ", text * 5))),
+        None)

@@ -29,6 +29,7 @@ This module does no I/O and never logs values.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import re
@@ -251,6 +252,32 @@ _RAW_PATTERNS: Final[tuple[tuple[str, re.Pattern[str]], ...]] = (
 )
 
 
+# One search per string instead of one per pattern (the kind is looked up after a hit).
+def _scoped(regex: str) -> str:
+    """A pattern usable inside an alternation: a leading global ``(?i)`` made local."""
+    return f"(?i:{regex[4:]})" if regex.startswith("(?i)") else f"(?:{regex})"
+
+
+_RAW_ANY: Final = re.compile("|".join(_scoped(pattern.pattern) for _kind, pattern in _RAW_PATTERNS))
+
+
+def _raw_kind_uncached(text: str) -> str | None:
+    cleaned = _DIGEST_TOKEN.sub(" ", text)
+    if _RAW_ANY.search(cleaned) is None:
+        return None
+    return next(kind for kind, pattern in _RAW_PATTERNS if pattern.search(cleaned))
+
+
+_raw_kind_cached = functools.lru_cache(maxsize=8192)(_raw_kind_uncached)
+
+
+def _raw_kind(text: str) -> str | None:
+    """The kind of the first raw-data pattern found in ``text`` (digests removed), else
+    None. Short strings are cached: entries repeat the same names (peers, protocols, query
+    ids) again and again."""
+    return _raw_kind_cached(text) if len(text) <= 256 else _raw_kind_uncached(text)
+
+
 def find_raw_looking(value: object) -> list[tuple[str, str]]:
     """Return ``(kind, path)`` pairs for every string in ``value`` that looks like raw data.
 
@@ -266,11 +293,9 @@ def find_raw_looking(value: object) -> list[tuple[str, str]]:
         if isinstance(v, bytes | bytearray):
             walk(bytes(v).decode("utf-8", "replace"), path)
         elif isinstance(v, str):
-            text = _DIGEST_TOKEN.sub(" ", v)
-            for kind, pattern in _RAW_PATTERNS:
-                if pattern.search(text):
-                    found.append((kind, path))
-                    break
+            kind = _raw_kind(v)
+            if kind is not None:
+                found.append((kind, path))
         elif isinstance(v, float):
             found.append(("coordinates", path))
         elif isinstance(v, Mapping):
