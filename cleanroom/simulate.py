@@ -349,8 +349,11 @@ def _train(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
     return {"id": outcome["id"], "result": body}
 
 
-def _publish_tables(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
-    """The owners publish their labeled tables (what their operators do once per update)."""
+def _publish_tables(nodes: dict[str, NodeProcess], model: str) -> dict[str, Any]:
+    """The owners publish their labeled tables (what their operators do once per update):
+    the media platform's nearest stores and the dealer's inventory (store_recommendation),
+    and each host's partial scores under its slice of the trained ``model`` (lead_score
+    standard mode, which looks leads up in them)."""
     with nodes["media"].operator_client(timeout=1800.0) as client:
         media = client.post_json(
             "/v1/anonq/tables/nearest_stores/publish",
@@ -360,7 +363,21 @@ def _publish_tables(nodes: dict[str, NodeProcess]) -> dict[str, Any]:
         dealer = client.post_json(
             "/v1/anonq/tables/inventory/publish", {"kind": "inventory", "min_bucket_size": 50}
         )
-    return {"media": media, "dealer": dealer}
+    scores: dict[str, Any] = {}
+    for host, min_bucket in (("media", 1000), ("dealer", 50)):
+        with nodes[host].operator_client(timeout=1800.0) as client:
+            scores[host] = client.post_json(
+                "/v1/anonq/tables/partial_scores/publish",
+                {"kind": "partial_scores", "model": model, "min_bucket_size": min_bucket},
+            )
+    print(
+        "  partial_scores tables: "
+        + ", ".join(
+            f"{h} {r['users']:,} records / {r['entries']:,} identifiers, v{r['version']}"
+            for h, r in scores.items()
+        )
+    )
+    return {"media": media, "dealer": dealer, "partial_scores": scores}
 
 
 def _recommend(nodes: dict[str, NodeProcess], data_dir: Path) -> dict[str, Any]:
@@ -401,7 +418,9 @@ def _recommend(nodes: dict[str, NodeProcess], data_dir: Path) -> dict[str, Any]:
 
 
 def score_spec(model: str, mode: str) -> dict[str, Any]:
-    """Grade the leads without a label (the evaluation split) with a trained model."""
+    """Grade the leads without a label (the evaluation split) with a trained model. Neither
+    mode reveals a host's rows (standard mode looks the leads up in the hosts'
+    partial_scores tables), so the spec does not ask for reveal_counterparty_rows."""
     spec = train_spec()
     spec["type"] = "lead_score"
     spec["inputs"]["oem"][2]["columns"] = {"lead_id": "row_id"}  # which leads are labelled
@@ -409,6 +428,7 @@ def score_spec(model: str, mode: str) -> dict[str, Any]:
     if mode == "standard":
         options["include_probability"] = True
     spec["params"]["options"] = options
+    spec["params"]["reveal_counterparty_rows"] = False
     return spec
 
 
@@ -524,12 +544,13 @@ def run_simulation(out: Path, leads: int, seed: int, *, overwrite: bool = False)
         result["train"] = timer.run(
             "train_lead_model (vertical LR, Paillier)", lambda: _train(nodes)
         )
+        result["tables"] = timer.run(
+            "publish anonymous-query tables (media, dealer; partial scores of the model)",
+            lambda: _publish_tables(nodes, result["train"]["id"]),
+        )
         result["lead_score"] = timer.run(
             "lead_score (strict and standard)",
             lambda: _score(nodes, result["train"]["id"], data_dir),
-        )
-        result["tables"] = timer.run(
-            "publish anonymous-query tables (media, dealer)", lambda: _publish_tables(nodes)
         )
         result["store_recommendation"] = timer.run(
             "store_recommendation", lambda: _recommend(nodes, data_dir)

@@ -1,6 +1,6 @@
 """Binary label formats carried by the labeled-PSI ("anonymous query") tables.
 
-Two labels, each fixed-length so that a label's size says nothing about its owner:
+Three labels, each fixed-length so that a label's size says nothing about its owner:
 
 **Nearest-stores label** (media platform -> OEM, one per media user), version 1,
 ``6 + 10 * k`` bytes (56 for ``k = 5``), big-endian::
@@ -27,6 +27,19 @@ Earth (``0xFFFFFE`` units is 167,772 km).
     1       1     availability level: 0 none, 1 low, 2 available (see parties.dealer)
 
 keyed by the text ``"<store_id>|<series>"``.
+
+**Partial-score label** (media platform or dealer -> OEM, one per host record, for
+``lead_score`` standard mode), version 1, 9 bytes, defined by
+:func:`protocols.vertical_lr.scoring.encode_partial_label`::
+
+    offset  size  field
+    0       1     format version = 1
+    1       8     the record's partial score under the host's model slice, signed
+                  64-bit big-endian fixed point with 24 fractional bits (2^-24)
+
+keyed by every identifier of the record (``partial_scores`` tables,
+:mod:`cleanroom.anonq.tables`); one reserved entry (``tables.ZERO_ROW_ITEM``) holds the
+score of an all-zero feature row, used for leads the host does not know.
 
 Decoding is strict: a wrong length, an unknown version, a ``k`` or tag other than the
 expected, a position outside the store list, a half-absent list, distances that are not
@@ -62,6 +75,7 @@ ABSENT_DISTANCE: Final = 0xFFFFFF
 MAX_DISTANCE_UNITS: Final = 0xFFFFFE
 UNITS_PER_KM: Final = 100  # 10 m units
 INVENTORY_LABEL_SIZE: Final = 2
+PARTIAL_SCORE_LABEL_SIZE: Final = 9  # protocols.vertical_lr.scoring.encode_partial_label
 INVENTORY_LEVELS: Final = ("none", "low", "available")
 KEY_SEPARATOR: Final = "|"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 from conftest import RunningNode, make_node, pin_each_other
 
 from cleanroom.anonq import tables
-from cleanroom.anonq.api import TRANSCRIPT_ENV
+from cleanroom.anonq.api import TRANSCRIPT_ENV, read_transcript
 from cleanroom.anonq.client import lead_items
 from cleanroom.ledger import digest, scan_entries
 from cleanroom.node.datasets import load_dataset
@@ -126,14 +125,7 @@ def test_store_recommendation_realtime_matches_ground_truth(world: dict[str, Any
 
 
 def _received(world: dict[str, Any]) -> list[tuple[str, bytes]]:
-    raw = (world["capture"] / "received.bin").read_bytes()
-    out, pos = [], 0
-    while pos < len(raw):
-        n, size = struct.unpack_from(">BI", raw, pos)
-        pos += 5
-        out.append((raw[pos:pos + n].decode(), raw[pos + n:pos + n + size]))
-        pos += n + size
-    return out
+    return read_transcript(world["capture"])
 
 
 def test_owner_transcript_holds_only_blinded_points_and_bucket_ids(

@@ -7,9 +7,11 @@ plaintext sum of the stored slices on the ground-truth features for the leads th
 aligned like the ground truth; grade A and the top decile convert above average on the
 generator's held-out labels; in strict mode no message of either session (captured by
 driving the same runner in-process against the nodes' own contexts) and no ledger holds a
-host's plaintext partial score, while standard mode's messages do (positive control); a
-missing or unfinished model fails naming ``params.options.model``; a tampered ciphertext at
-the key holder gives a 4xx and fails the query there."""
+host's plaintext partial score (positive control: the needles equal the zero-row labels the
+hosts published for standard mode); a missing or unfinished model fails naming
+``params.options.model``; a tampered ciphertext at the key holder gives a 4xx and fails
+the query there. Standard mode reads the hosts' ``partial_scores`` tables (published once
+at module scope); tests/test_lead_score_standard.py checks it in detail."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from conftest import RunningNode
 from test_lead_model import _policy, _score, _slice, lm_nodes, train_spec
 from test_queries_support import ledger_bodies, result, submit, wait_state, write_policy
 
+from cleanroom.anonq import tables
 from cleanroom.policy import parse_spec
 from cleanroom.queries import lead_score as ls
 from cleanroom.queries.lead_model import _load_party
@@ -32,6 +35,7 @@ from cleanroom.queries.runners import CounterpartyRun, RequesterRun, Threshold, 
 from cleanroom.queries.store import node_policy
 from cleanroom.synth.model import fit_features
 from cleanroom.transport import PeerCallError
+from protocols.labeled_psi import oprf
 from protocols.vertical_lr import GradeSpec, StrictGrader, encode_partial_label
 from protocols.vertical_lr.fixedpoint import encode_scores
 from protocols.vertical_lr.scoring import GRADE_FRAC_BITS
@@ -44,6 +48,7 @@ Nodes = tuple[dict[str, RunningNode], Path]
 def score_spec(model: str, **options: Any) -> dict[str, Any]:
     spec = train_spec()
     spec["type"] = "lead_score"
+    spec["params"]["reveal_counterparty_rows"] = False  # neither mode reveals a host's rows
     spec["params"]["options"] = {"model": model, "subset": "unlabelled", **options}
     spec["inputs"]["oem"][2]["columns"] = {"lead_id": "row_id"}  # which leads are labelled
     return spec
@@ -69,7 +74,21 @@ def _run(node: RunningNode, spec: dict[str, Any]) -> tuple[dict[str, Any], pd.Da
 
 
 @pytest.fixture(scope="module")
-def graded(lm_nodes: Nodes, trained: str) -> dict[str, tuple[dict[str, Any], pd.DataFrame]]:
+def published(lm_nodes: Nodes, trained: str) -> dict[str, dict[str, Any]]:
+    """The hosts' partial_scores tables of the trained model (standard mode reads them)."""
+    nodes, _ = lm_nodes
+    out: dict[str, dict[str, Any]] = {}
+    for host in ("media", "dealer"):
+        with nodes[host].operator_client(timeout=300.0) as c:
+            out[host] = c.post_json("/v1/anonq/tables/partial_scores/publish",
+                                    {"kind": "partial_scores", "model": trained,
+                                     "min_bucket_size": 1})
+    return out
+
+
+@pytest.fixture(scope="module")
+def graded(lm_nodes: Nodes, trained: str, published: dict[str, dict[str, Any]]
+           ) -> dict[str, tuple[dict[str, Any], pd.DataFrame]]:
     nodes, _ = lm_nodes
     return {
         "strict": _run(nodes["oem"], score_spec(trained)),
@@ -202,7 +221,16 @@ def _host_needles(nodes: dict[str, RunningNode], spec_doc: dict[str, Any]
     return out
 
 
+def _open_own_label(node: RunningNode, item: bytes) -> bytes | None:
+    """The label of ``item`` in the node's published partial_scores table, opened with the
+    owner's own key (test-only: no querier can do this without the owner's evaluation)."""
+    src = tables.load_serving(node.dir / "data", "partial_scores")
+    tag_key = oprf.TagDeriver(src.current.table_id).derive(oprf.oprf_direct(src.key, [item]))
+    return src.current.open([tag_key])[0]
+
+
 def test_strict_transcript_holds_no_partial_score(lm_nodes: Nodes, trained: str,
+                                                  published: dict[str, dict[str, Any]],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CLEANROOM_PSI_WORKERS", "0")
     nodes, _ = lm_nodes
@@ -211,13 +239,10 @@ def test_strict_transcript_holds_no_partial_score(lm_nodes: Nodes, trained: str,
     assert len(strict) > 1_000_000  # the hosts' encrypted tables went through
     for host, words in needles.items():
         assert not any(w in strict for w in words), host
-    # positive control: standard mode sends the hosts' 9-byte partial-score labels
-    standard = b"".join(_transcript(nodes, score_spec(trained, mode="standard"),
-                                    "q-transcript-std"))
+    # positive control: the needles are the hosts' exact encodings (the zero-row label each
+    # host published for standard mode, opened with its own key, is the first needle)
     for host, words in needles.items():
-        labels = words[::2]
-        assert labels[0] in standard, host  # the zero-row score (leads the host lacks)
-        assert any(w in standard for w in labels[1:]), host
+        assert _open_own_label(nodes[host], tables.ZERO_ROW_ITEM) == words[0], host
 
 
 def test_missing_or_unfinished_model_fails_naming_the_option(lm_nodes: Nodes,

@@ -25,6 +25,7 @@ Operator endpoints::
 
     GET  /v1/anonq/tables                           published tables (metadata)
     POST /v1/anonq/tables/{name}/publish            build or update a table from datasets
+                                                    (or, partial_scores, from a lead model)
     POST /v1/anonq/store-recommendations            run the querier pipeline (OEM)
 
 Test hook: if the environment variable ``CLEANROOM_ANONQ_TRANSCRIPT`` names a directory
@@ -53,7 +54,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from cleanroom.anonq import QUERY_HEADER, guard, tables
@@ -176,6 +177,21 @@ class _State:
             f.write(struct.pack(">BI", len(name), len(body)) + name + body)
 
 
+def read_transcript(folder: Path) -> list[tuple[str, bytes]]:
+    """The ``(endpoint, body)`` records the transcript test hook wrote under ``folder``
+    (``[]`` if none): the reader of :meth:`_State.capture`'s format, for tests."""
+    file = folder / "received.bin"
+    data = file.read_bytes() if file.exists() else b""
+    out: list[tuple[str, bytes]] = []
+    pos = 0
+    while pos < len(data):
+        n, size = struct.unpack_from(">BI", data, pos)
+        pos += 5
+        out.append((data[pos:pos + n].decode(), data[pos + n:pos + n + size]))
+        pos += n + size
+    return out
+
+
 _states: dict[int, _State] = {}
 
 
@@ -280,11 +296,15 @@ def _table_response_header(session_id: bytes, body_len: int) -> bytes:
 
 
 class PublishSpec(BaseModel):
-    """What to publish. ``nearest_stores`` (media) or ``inventory`` (dealer)."""
+    """What to publish. ``nearest_stores`` (media) or ``inventory`` (dealer) for
+    ``store_recommendation``; ``partial_scores`` (media or dealer) for ``lead_score``
+    standard mode, which needs ``model`` (a ``train_lead_model`` query completed at this
+    node) and serves ``lead_score`` only."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: str = Field(pattern="^(nearest_stores|inventory)$")
-    query_type: str = Field("store_recommendation", pattern="^(store_recommendation|lead_score)$")
+    kind: str = Field(pattern="^(nearest_stores|inventory|partial_scores)$")
+    query_type: str | None = Field(None, pattern="^(store_recommendation|lead_score)$")
+    model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     stores_peer: str | None = None
     stores_dataset: str = "stores"
     users_dataset: str = "users"
@@ -294,6 +314,23 @@ class PublishSpec(BaseModel):
     evaluation_budget: int = Field(tables.DEFAULT_EVALUATION_BUDGET, ge=1)
     rebuild: bool = False
     processes: int = Field(tables.DEFAULT_PROCESSES, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> PublishSpec:
+        if self.kind == tables.PARTIAL_SCORES:
+            if self.model is None:
+                raise ValueError("model: a partial_scores table needs the id of a completed "
+                                 "train_lead_model query")
+            if self.query_type not in (None, "lead_score"):
+                raise ValueError("query_type: a partial_scores table serves lead_score only")
+            self.query_type = "lead_score"
+        else:
+            if self.model is not None:
+                raise ValueError(f"model: only partial_scores tables name a model, not "
+                                 f"{self.kind}")
+            if self.query_type is None:
+                self.query_type = "store_recommendation"
+        return self
 
 
 class RecommendSpec(BaseModel):
@@ -479,9 +516,10 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
         return [src.meta.as_dict() for src in st.sources.values()]
 
     @operator.post("/tables/{name}/publish", summary="Build or update a labeled table")
-    async def publish(name: str, spec: PublishSpec, _op: OperatorAuth,
-                      ctx: NodeContextDep) -> dict[str, Any]:
+    async def publish(name: str, spec: PublishSpec, request: Request, _op: OperatorAuth,
+                      ctx: NodeContextDep) -> Any:
         from cleanroom.anonq.client import publish_from_datasets
+        from cleanroom.queries.lead_score import ModelUnavailable
 
         st = state_of(ctx)
         tables.check_table_name(name)
@@ -492,7 +530,10 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
                 st.reload(name)
                 return report.as_dict()
 
-        return await run_in_threadpool(run)
+        try:
+            return await run_in_threadpool(run)
+        except ModelUnavailable as exc:
+            return _error(request, exc.status, "model_unavailable", str(exc), field=exc.field)
 
     @operator.post("/store-recommendations", summary="Run store_recommendation (OEM node)")
     async def store_recommendations(spec: RecommendSpec, _op: OperatorAuth,

@@ -12,7 +12,8 @@ directory); every call to another node goes through
   pool for large inputs;
 - :func:`fetch_public`: public columns of a peer's dataset (e.g. the OEM's store list);
 - :func:`publish_from_datasets`: the owner builds its table from its own datasets (the
-  media platform's nearest-stores table, the dealer's inventory table);
+  media platform's nearest-stores table, the dealer's inventory table, a host's
+  partial-scores table of a trained lead model);
 - :func:`store_recommendations`: the OEM's ``store_recommendation`` pipeline, leads ->
   nearest-stores labels -> inventory labels -> :func:`parties.oem.recommend` -> result
   table under ``DATA_DIR/results/``.
@@ -318,12 +319,17 @@ def publish_from_datasets(
     evaluation_budget: int = tables.DEFAULT_EVALUATION_BUDGET,
     rebuild: bool = False,
     processes: int = tables.DEFAULT_PROCESSES,
+    model: str | None = None,
 ) -> tables.PublishReport:
     """Build (or update) table ``name`` at this node from its own datasets.
 
     ``nearest_stores`` (media platform): ``users`` and ``locations`` here, the store list
     fetched from ``stores_peer`` over mutual TLS (public columns only). ``inventory``
-    (dealer): the ``inventory`` dataset here.
+    (dealer): the ``inventory`` dataset here. ``partial_scores`` (media platform or dealer,
+    for ``lead_score`` standard mode): this node's partial scores under its slice of the
+    completed ``train_lead_model`` query ``model``, from the datasets that query named
+    (:func:`cleanroom.queries.lead_score.partial_score_records`; raises its
+    ``ModelUnavailable`` naming ``model``).
     """
     from cleanroom.node.datasets import dataset_summary, load_dataset
     from parties.labels import INVENTORY_LABEL_SIZE, K_DEFAULT, nearest_label_size
@@ -349,8 +355,21 @@ def publish_from_datasets(
         records = tables.inventory_users(load_dataset(ctx, inventory_dataset))
         label_size = INVENTORY_LABEL_SIZE
         sources = {inventory_dataset: str(dataset_summary(ctx, inventory_dataset).version)}
+    elif kind == tables.PARTIAL_SCORES:
+        from cleanroom.queries.lead_score import (
+            PARTIAL_LABEL_SIZE,
+            ModelUnavailable,
+            partial_score_records,
+        )
+
+        if not model:
+            raise ModelUnavailable("a partial_scores table needs the id of a completed "
+                                   "train_lead_model query", status=422)
+        records, sources = partial_score_records(ctx, model)
+        label_size = PARTIAL_LABEL_SIZE
     else:
-        raise InputError(f"table kind {kind!r}: must be nearest_stores or inventory")
+        raise InputError(f"table kind {kind!r}: must be nearest_stores, inventory or "
+                         "partial_scores")
     return tables.publish(ctx.data_dir, name, records, kind=kind, query_type=query_type,
                           label_size=label_size, min_bucket_size=min_bucket_size,
                           evaluation_budget=evaluation_budget, sources=sources,

@@ -17,8 +17,13 @@ build compares digests and calls :meth:`protocols.labeled_psi.OwnerTable.update`
 changed, new and removed users only. Deltas for queriers are the difference between a
 retained version and the current one (:class:`ServingSource.delta_since`).
 
-Sources (:func:`nearest_store_users`, :func:`inventory_users`) turn the node's datasets
-into ``user -> (identifiers, label)``; the X25519 work of a build runs in a process pool.
+Sources (:func:`nearest_store_users`, :func:`inventory_users`,
+:func:`partial_score_users`) turn the node's datasets into ``user -> (identifiers,
+label)``; the X25519 work of a build runs in a process pool. A ``partial_scores`` table
+(a host's partial scores under its slice of a trained lead model, for ``lead_score``
+standard mode) also holds one reserved entry, :data:`ZERO_ROW_ITEM`, whose label is the
+host's partial score of an all-zero feature row (what the OEM uses for a lead the host
+does not know).
 This module never sends anything and never logs identifiers, labels or keys.
 """
 
@@ -68,7 +73,13 @@ POOL_THRESHOLD = 20_000  # identifiers below which a build runs in this process
 DEFAULT_PROCESSES = 2
 DEFAULT_EVALUATION_BUDGET = 1_000_000
 INVENTORY_TAG = b"\x10"  # item prefix of "store_id|series" keys (identifier kinds use 1..3)
-KINDS = ("nearest_stores", "inventory", "custom")
+#: The reserved item of a ``partial_scores`` table: its label is the host's partial score of
+#: an all-zero feature row. Tag 0x11 cannot be an identifier (kinds use 1..3, dummies 0) or
+#: an inventory key (0x10).
+ZERO_ROW_ITEM = b"\x11cleanroom/lead-score/zero-row/v1"
+ZERO_ROW_REF = "zero-row"  # its user reference (real users' references start with "r:")
+KINDS = ("nearest_stores", "inventory", "partial_scores", "custom")
+PARTIAL_SCORES = "partial_scores"
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,62}")
 _VERSION_FILE = re.compile(r"v(\d{8})\.table")
 
@@ -406,6 +417,9 @@ def publish(
     folder = table_dir(data_dir, name)
     if kind not in KINDS:
         raise InputError(f"table kind {kind!r}: must be one of {', '.join(KINDS)}")
+    if kind == PARTIAL_SCORES and query_type != "lead_score":
+        raise InputError(f"table {name}: a partial_scores table serves lead_score, "
+                         f"not {query_type}")
     if not users:
         raise InputError(f"table {name}: no users with identifiers to publish")
     if evaluation_budget < 1:
@@ -523,6 +537,34 @@ def nearest_store_users(users: Any, locations: Any, stores: Any) -> dict[str, Us
             out[ref] = rec
         rec[0].append(encode_item(kind, ident))
     return {ref: (tuple(ids), label) for ref, (ids, label) in out.items()}
+
+
+def partial_score_users(records: Sequence[Sequence[bytes]], labels: Sequence[bytes],
+                        refs: Sequence[str], zero_label: bytes) -> dict[str, UserRecord]:
+    """``ref -> (identifier items, partial-score label)`` for a ``partial_scores`` table,
+    plus the reserved zero-row entry (``ZERO_ROW_REF -> ((ZERO_ROW_ITEM,), zero_label)``).
+
+    ``records[i]`` are the table items of record ``i``'s identifiers in the order of its
+    join columns; an identifier held by several records belongs to the first record that
+    holds it (the rule of multi-key matching), and a record left without any identifier is
+    not published (no lead can reach it). ``refs`` are stable references (``"r:..."``).
+    """
+    if not len(records) == len(labels) == len(refs):
+        raise InputError("partial scores: records, labels and references differ in length")
+    seen: set[bytes] = {ZERO_ROW_ITEM}
+    out: dict[str, UserRecord] = {}
+    for ref, items, label in zip(refs, records, labels, strict=True):
+        if not ref.startswith("r:"):
+            raise InputError(f"partial scores: record reference {ref!r} must start with 'r:'")
+        own = []
+        for item in items:
+            if item not in seen:
+                seen.add(item)
+                own.append(item)
+        if own:
+            out[ref] = (tuple(own), label)
+    out[ZERO_ROW_REF] = ((ZERO_ROW_ITEM,), zero_label)
+    return out
 
 
 def inventory_users(inventory: Any) -> dict[str, UserRecord]:

@@ -17,12 +17,13 @@ the dealer (their own slices). ``params.options``:
   the new leads) or ``"labelled"`` (the listed ones). Labels are never read.
 - ``include_probability`` (standard only, default false): add the calibrated probability to
   the result table.
+- ``tables`` (standard only): ``{host: table name}`` of the hosts' ``partial_scores``
+  tables (default ``partial_scores`` at each).
 
-One session per host (protocol ``lsc``), opened by the OEM. First a multi-key PSI in
-intersection mode with per-session record pseudonyms (as ``match`` and ``train_lead_model``):
-the OEM learns which of its leads each host knows and the host's pseudonym of the record.
-
-Strict mode (the media platform is the Paillier key holder):
+Strict mode (the media platform is the Paillier key holder): one session per host
+(protocol ``lsc``), opened by the OEM. First a multi-key PSI in intersection mode with
+per-session record pseudonyms (as ``match`` and ``train_lead_model``): the OEM learns which
+of its leads each host knows and the host's pseudonym of the record. Then:
 
 1. ``SETUP`` -> media: the media platform makes a fresh 2048-bit Paillier key for this query
    and replies with the public key signed by its node identity key (Ed25519).
@@ -40,31 +41,43 @@ Strict mode (the media platform is the Paillier key holder):
    :class:`~protocols.vertical_lr.scoring.StrictKeyHolder` in batches; it learns the grade
    only. ``DONE`` ends the media session.
 
-Standard mode: ``ALIGN`` sends each host the OEM's lead order as pseudonyms (all-zero for a
-lead the host does not know); the host replies with its partial score per row
-(:func:`~protocols.vertical_lr.scoring.encode_partial_label`, the zero-row score for unknown
-leads) and the OEM combines and calibrates (:func:`combine_standard`). The OEM thereby sees
-each host's per-row partial scores, and each host learns which of its records are among the
-leads: standard mode needs ``params.reveal_counterparty_rows`` and the hosts' policies to
-list the OEM in ``reveal_rows_to``. That is why strict is the default.
+Standard mode (the anonymous query, :mod:`cleanroom.anonq`): no ``lsc`` session. Each host
+has published beforehand, from this model, a labeled table of kind ``partial_scores``
+(:func:`partial_score_records`, ``POST /v1/anonq/tables/{name}/publish`` with
+``{"kind": "partial_scores", "model": <training query id>}``): for every one of its users
+the 9-byte label :func:`~protocols.vertical_lr.scoring.encode_partial_label` of the user's
+partial score, keyed by every identifier of the user, plus one reserved entry
+(:data:`cleanroom.anonq.tables.ZERO_ROW_ITEM`) holding the partial score of an all-zero
+feature row. The OEM opens ``labeled_psi`` sessions through the lifecycle (as
+``store_recommendation`` does): a download of the host's table (or a delta onto its cached
+copy), then batch evaluations of its leads' identifiers and the zero-row item, blinded.
+Per lead it takes the label of its highest-priority identifier that hit (phone > email >
+device id, the priority of multi-key matching; first hit wins), the zero-row score if
+none did, and combines and calibrates (:func:`combine_standard`). The OEM learns each
+host's partial score of each matched lead; a host learns the number of evaluations and
+which table version was downloaded, not which of its users are leads, so standard mode
+needs neither ``params.reveal_counterparty_rows`` nor ``reveal_rows_to``. The host
+refuses (naming the field) a table that is missing, of another kind, built from another
+model or from datasets other than (or older than) the ones the spec names.
 
 The result at the OEM: a table ``lead_id, grade`` (``probability`` too in standard mode if
 asked) under ``<data_dir>/lead_scores/<query id>.parquet`` with a JSON manifest; the payload
 holds its path, the grade distribution and counts.
 
-What this module must not do: send a feature, identifier or partial score in the clear in
-strict mode (only protocol bytes, pseudonyms and ciphertexts leave a node), log, or open
-sockets.
+What this module must not do: send a feature, identifier or partial score in the clear
+(strict: only protocol bytes, pseudonyms and ciphertexts leave a node; standard: only
+blinded points, table bytes and encrypted labels), log, or open sockets.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +85,12 @@ import numpy as np
 import pandas as pd
 from cryptography.exceptions import InvalidSignature
 
-from cleanroom.errors import CleanroomError
+from cleanroom.anonq import lifecycle, tables
+from cleanroom.errors import CleanroomError, InputError
 from cleanroom.node.context import NodeContext
+from cleanroom.node.datasets import dataset_summary
 from cleanroom.policy import QuerySpec
+from cleanroom.queries import anonq_sessions
 from cleanroom.queries.framing import Framing
 from cleanroom.queries.lead_model import (
     _cols,
@@ -82,7 +98,12 @@ from cleanroom.queries.lead_model import (
     _party_kind,
     load_model,
 )
-from cleanroom.queries.match import align_with, requester_items, responder_items
+from cleanroom.queries.match import (
+    align_with,
+    requester_items,
+    require_min_intersection,
+    responder_items,
+)
 from cleanroom.queries.psi_session import (
     PsiSessionResponder,
     worker_pool,
@@ -102,7 +123,9 @@ from cleanroom.queries.runners import (
 from cleanroom.queries.segment_stats import _kinds
 from cleanroom.queries.store import find_query, spec_of
 from parties import features as pf
+from parties.labels import PARTIAL_SCORE_LABEL_SIZE
 from protocols.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from protocols.labeled_psi import Mode as AnonqMode
 from protocols.paillier import (
     PaillierError,
     PublicKey,
@@ -111,7 +134,7 @@ from protocols.paillier import (
     to_bytes,
 )
 from protocols.psi import Mode, PsiResponder
-from protocols.psi.multikey import LABEL_BYTES
+from protocols.psi.multikey import LABEL_BYTES, PRIORITY, Kind, encode_item
 from protocols.vertical_lr import (
     GradeSpec,
     ModelSlice,
@@ -127,9 +150,10 @@ from protocols.vertical_lr.blinding import BlindJob, run_blind_job
 from protocols.vertical_lr.scoring import load_partial_label
 
 PROTOCOL = "lsc"
+ANONQ_PROTOCOL = anonq_sessions.PROTOCOL  # standard mode: lifecycle labeled-PSI sessions
 MAGIC = b"CRLS"
 VERSION = 1
-SETUP, READY, TABLE, ROWS, GRADE, SIGNS, DONE, ALIGN, PARTIALS = range(1, 10)
+SETUP, READY, TABLE, ROWS, GRADE, SIGNS, DONE = range(1, 8)  # 8 and 9 (ALIGN, PARTIALS): retired
 _U32 = struct.Struct(">I")
 SIG_BYTES = 64
 TABLE_CHUNK = 4096
@@ -137,10 +161,11 @@ BATCH_LEADS = 1000
 MODES = ("strict", "standard")
 SUBSETS = ("all", "unlabelled", "labelled")
 RESULT_DIR = "lead_scores"
-_NO_RECORD = bytes(LABEL_BYTES)
 _QUERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _MODEL_FIELD = "params.options.model"
 MODEL_OUTCOME_WAIT_SECONDS = 30.0
+DEFAULT_TABLE = "partial_scores"
+PARTIAL_LABEL_SIZE = PARTIAL_SCORE_LABEL_SIZE  # encode_partial_label: version + 64-bit word
 
 
 def _rule(what: str) -> str:
@@ -217,10 +242,8 @@ def _model_failure(me: str, why: str) -> QueryFailure:
                         field=_MODEL_FIELD, party=me)
 
 
-def load_own_slice(ctx: NodeContext, spec: QuerySpec, me: str,
-                   columns: Sequence[str]) -> tuple[ModelSlice, dict[str, Any]]:
-    """This node's slice of ``params.options.model``: the training query must have completed
-    here, between the same parties, and its stored columns must be this node's columns."""
+def _model_row(ctx: NodeContext, spec: QuerySpec, me: str) -> None:
+    """``params.options.model`` completed at this node, between the same parties."""
     mid = _model_id(spec)
     row = find_query(ctx, mid)
     if row is None or row.query_type != "train_lead_model":
@@ -238,6 +261,14 @@ def load_own_slice(ctx: NodeContext, spec: QuerySpec, me: str,
     if mspec.requester != spec.requester or sorted(mspec.counterparties) != sorted(
             spec.counterparties):
         raise _model_failure(me, f"model {mid} was trained by other parties")
+
+
+def load_own_slice(ctx: NodeContext, spec: QuerySpec, me: str,
+                   columns: Sequence[str]) -> tuple[ModelSlice, dict[str, Any]]:
+    """This node's slice of ``params.options.model``: the training query must have completed
+    here, between the same parties, and its stored columns must be this node's columns."""
+    mid = _model_id(spec)
+    _model_row(ctx, spec, me)
     try:
         model, doc = load_model(ctx, mid)
     except CleanroomError as exc:
@@ -245,6 +276,142 @@ def load_own_slice(ctx: NodeContext, spec: QuerySpec, me: str,
     if list(doc.get("columns", [])) != list(columns):
         raise _model_failure(me, f"model {mid} was trained on other feature columns")
     return model, doc
+
+
+# --- the hosts' partial_scores tables (standard mode) ---------------------------------------
+
+
+class ModelUnavailable(CleanroomError):
+    """A ``partial_scores`` table cannot be published from the named model: names the
+    publish-spec field (``model``) and carries the HTTP status the endpoint answers with."""
+
+    def __init__(self, message: str, *, status: int = 409, field: str = "model") -> None:
+        super().__init__(f"{field}: {message}")
+        self.status = status
+        self.field = field
+
+
+def _record_ref(key: str) -> str:
+    """A stable reference of one host record for the table's private user index (a digest,
+    so the index holds no identifier even though it never leaves the node)."""
+    return "r:" + hashlib.sha256(b"cleanroom/partial-scores/ref\0" + key.encode()).hexdigest()[:32]
+
+
+def _host_kinds(ctx: NodeContext, spec: QuerySpec, me: str, join: list[str]) -> dict[str, Kind]:
+    if _party_kind(spec, me) == "dealer":
+        return {join[0]: "phone"}  # the dealer's features are keyed by phone (dealer_features)
+    return _kinds(ctx, [it for it in spec.inputs[me] if _cols(it, "join_key")], "join_key")
+
+
+def partial_score_records(ctx: NodeContext, model: str
+                          ) -> tuple[dict[str, tables.UserRecord], dict[str, str]]:
+    """A host's ``partial_scores`` table content from its slice of training query ``model``:
+    ``(records, sources)`` for :func:`cleanroom.anonq.tables.publish`.
+
+    Every record of the host's inputs in the training spec (current dataset versions) gets
+    the label :func:`encode_partial_label` of its partial score, keyed by each of its
+    identifiers (join-key columns; an identifier shared by records belongs to the first);
+    the reserved zero-row entry holds the score of an all-zero feature row. ``sources``
+    names the datasets and versions, the model and the join-key columns. Raises
+    :class:`ModelUnavailable` (404: no such training query here; 409: not completed, or
+    this node holds no host slice of it) or :class:`InputError`.
+    """
+    if not _QUERY_ID.fullmatch(model):
+        raise ModelUnavailable(f"{model!r} is not a query id", status=422)
+    row = find_query(ctx, model)
+    if row is None or row.query_type != "train_lead_model":
+        raise ModelUnavailable(f"no train_lead_model query {model} at this node", status=404)
+    if row.state != "completed":
+        raise ModelUnavailable(f"training query {model} is {row.state}, not completed at this "
+                               "node")
+    mspec = spec_of(row)
+    me = ctx.config.name
+    if me not in mspec.counterparties:
+        raise ModelUnavailable(f"this node ({me}) is not a host of model {model}: only the "
+                               "media platform and the dealer publish partial scores")
+    try:
+        ident, join, feats, _ = _load_party(ctx, mspec, me)
+        kinds = _host_kinds(ctx, mspec, me, join)
+    except QueryFailure as exc:
+        raise InputError(f"partial scores of model {model}: {exc}") from None
+    try:
+        slice_, doc = load_model(ctx, model)
+    except CleanroomError as exc:
+        raise ModelUnavailable(str(exc)) from None
+    if list(doc.get("columns", [])) != list(feats.columns):
+        raise ModelUnavailable(f"model {model} was trained on other feature columns than "
+                               "this node's datasets now give")
+    scores = slice_.partial_scores(feats.values)
+    zero = float(slice_.partial_scores(np.zeros((1, len(feats.columns))))[0])
+    if not np.isfinite(scores).all() or not np.isfinite(zero):
+        raise InputError(f"partial scores of model {model}: not finite")
+    columns = [ident[c].to_numpy(dtype=object) for c in join]
+    items: list[list[bytes]] = []
+    for i in range(len(ident)):
+        own: list[bytes] = []
+        for c, values in zip(join, columns, strict=True):
+            value = values[i]
+            if value is None or value is pd.NA or value != value or not str(value):
+                continue
+            own.append(encode_item(kinds[c], str(value)))
+        items.append(own)
+    labels = [encode_partial_label(float(v)) for v in scores]
+    refs = [_record_ref(str(k)) for k in feats.keys]
+    records = tables.partial_score_users(items, labels, refs, encode_partial_label(zero))
+    sources = {f"dataset:{it.dataset}": str(dataset_summary(ctx, it.dataset).version)
+               for it in mspec.inputs[me]}
+    sources.update({"model": model, "join_keys": ",".join(join)})
+    return records, sources
+
+
+def table_name(spec: QuerySpec, host: str) -> str:
+    names = _opt(spec, "tables", None) or {}
+    return str(names.get(host, DEFAULT_TABLE))
+
+
+def _check_table_sources(ctx: NodeContext, spec: QuerySpec, me: str, name: str,
+                         sources: dict[str, str]) -> None:
+    """The table must hold this model's scores, from the current versions of exactly the
+    datasets the spec names for this host, keyed only by columns the spec names as join
+    keys (what the host approved is what is used)."""
+    mid = _model_id(spec)
+    built_from = sources.get("model")
+    if built_from != mid:
+        raise QueryFailure("wrong_table",
+                           f"table {name!r} at {me} holds the partial scores of model "
+                           f"{built_from}, not {mid}: publish it again naming model {mid}",
+                           field=_MODEL_FIELD, party=me)
+    items = spec.inputs.get(me, [])
+    named = {it.dataset for it in items}
+    built = {k.split(":", 1)[1] for k in sources if k.startswith("dataset:")}
+    extra = sorted(built - named)
+    if extra:
+        raise QueryFailure("wrong_table", f"table {name!r} at {me} was built from dataset "
+                           f"{extra[0]} too, which the spec does not name",
+                           field=f"inputs.{me}", party=me)
+    for n, item in enumerate(items):
+        field = f"inputs.{me}.{n}.dataset"
+        version = sources.get(f"dataset:{item.dataset}")
+        if version is None:
+            raise QueryFailure("wrong_table", f"table {name!r} at {me} was not built from "
+                               f"dataset {item.dataset}", field=field, party=me)
+        try:
+            current = str(dataset_summary(ctx, item.dataset).version)
+        except CleanroomError as exc:
+            raise QueryFailure("input_error", str(exc), field=field, party=me) from None
+        if version != current:
+            raise QueryFailure("stale_table",
+                               f"table {name!r} at {me} was built from version {version} of "
+                               f"{item.dataset}; version {current} is current: publish the "
+                               "table again", field=field, party=me)
+    keys = [c for c in sources.get("join_keys", "").split(",") if c]
+    for column in keys:
+        at = next((k for k, it in enumerate(items) if column in it.columns), None)
+        if at is None or items[at].columns[column] != "join_key":
+            where = f"inputs.{me}" if at is None else f"inputs.{me}.{at}.columns.{column}"
+            raise QueryFailure("unapproved_column",
+                               f"table {name!r} at {me} is keyed by {column} too; the spec "
+                               "must name it as join_key", field=where, party=me)
 
 
 # --- result storage ------------------------------------------------------------------------
@@ -291,7 +458,8 @@ class LeadScoreRunner(Runner):
                               "grades go to the requester (the OEM that owns the leads)")
         if spec.params.psi_reveal != "intersection":
             raise SpecRefused(_rule("psi_reveal"), "params.psi_reveal",
-                              "leads are aligned by PSI in intersection mode")
+                              "the OEM gets a result per lead (strict: leads aligned by PSI in "
+                              "intersection mode; standard: per-lead lookups)")
         if not _QUERY_ID.fullmatch(_model_id(spec)):
             raise SpecRefused(_rule("model"), _MODEL_FIELD,
                               "params.options.model must name a train_lead_model query id")
@@ -299,12 +467,13 @@ class LeadScoreRunner(Runner):
         if mode not in MODES:
             raise SpecRefused(_rule("mode"), "params.options.mode",
                               "mode must be 'strict' or 'standard'")
-        if mode == "standard" and not spec.params.reveal_counterparty_rows:
-            raise SpecRefused(_rule("reveal_counterparty_rows"),
-                              "params.reveal_counterparty_rows",
-                              "standard mode tells each host which of its records are among "
-                              "the leads (and shows the OEM their partial scores): "
-                              "reveal_counterparty_rows must be true")
+        names = _opt(spec, "tables", None)
+        if names is not None:
+            if mode != "standard":
+                raise SpecRefused(_rule("tables"), "params.options.tables",
+                                  "tables (standard mode only) maps a host to the name of its "
+                                  "partial_scores table")
+            anonq_sessions.check_table_names(names, spec.counterparties, _rule("tables"))
         adaptive = _opt(spec, "adaptive", False)
         if not isinstance(adaptive, bool) or (adaptive and mode != "strict"):
             raise SpecRefused(_rule("adaptive"), "params.options.adaptive",
@@ -347,15 +516,6 @@ class LeadScoreRunner(Runner):
     def run(self, run: RequesterRun) -> RunResult:
         spec, ctx = run.spec, run.ctx
         mode = _mode(spec)
-        if mode == "standard":
-            for host in spec.counterparties:
-                rule = run.policy.partners.get(host)
-                if rule is None or host not in rule.reveal_rows_to:
-                    raise QueryFailure(
-                        "policy", f"standard grading tells {host} which of its records are "
-                        f"among our leads; our policy does not list {host} in reveal_rows_to",
-                        rule=f"{run.me}:partners.{host}.reveal_rows_to",
-                        field="params.reveal_counterparty_rows", party=run.me)
         ident, join, feats, frames = _load_party(ctx, spec, run.me)
         model, doc = load_own_slice(ctx, spec, run.me, feats.columns)
         try:
@@ -367,35 +527,24 @@ class LeadScoreRunner(Runner):
             raise QueryFailure("input_error", "no leads to grade in the chosen subset",
                                field="params.options.subset")
         own = model.partial_scores(feats.values[rows])
-        roles = {p: Party.MEDIA if _party_kind(spec, p) == "media" else Party.DEALER
-                 for p in spec.counterparties}
-        media = next(h for h, r in roles.items() if r == Party.MEDIA)
-        dealer = next(h for h, r in roles.items() if r == Party.DEALER)
         kinds = _kinds(ctx, [it for it in spec.inputs[run.me] if _cols(it, "join_key")],
                        "join_key")
-        items, origins = requester_items(ident.iloc[rows].reset_index(drop=True), join, kinds)
+        leads = ident.iloc[rows].reset_index(drop=True)
         grades_spec = _grade_spec(spec)
         n = len(rows)
-        with run.session(media, PROTOCOL) as chm, run.session(dealer, PROTOCOL) as chd:
-            channels: dict[str, SessionChannel] = {media: chm, dealer: chd}
-            pseud: dict[str, list[bytes | None]] = {}
-            matched: dict[str, int] = {}
-            for host, ch in channels.items():
-                resolution = align_with(run, host, ch, items, origins)
-                matched[host] = len(resolution.pairs)
-                pseud[host] = [resolution.pairs[i][0] if i in resolution.pairs else None
-                               for i in range(n)]
-            if mode == "strict":
-                grades = self._strict(run, chm, chd, pseud[media], pseud[dealer], own, platt,
-                                      grades_spec)
-                prob = None
-            else:
-                partials = [self._standard(ch, pseud[h], n) for h, ch in channels.items()]
-                try:
-                    p, grades = combine_standard(own, partials, platt, grades_spec)
-                except LocalProtocolError as exc:
-                    raise QueryFailure("protocol_error", f"partial scores: {exc}") from None
-                prob = p if _opt(spec, "include_probability", False) else None
+        prob: np.ndarray | None = None
+        sessions: dict[str, Any] = {}
+        if mode == "strict":
+            grades, matched = self._strict_run(run, leads, join, kinds, own, platt,
+                                               grades_spec)
+        else:
+            partials, matched, sessions = self._standard(run, leads, join, kinds)
+            try:
+                p, grades = combine_standard(own, partials, platt, grades_spec)
+            except LocalProtocolError as exc:
+                raise QueryFailure("protocol_error", f"partial scores: {exc}") from None
+            if _opt(spec, "include_probability", False):
+                prob = p
         lead_ids = [feats.keys[i] for i in rows]
         table = pd.DataFrame({"lead_id": lead_ids, "grade": grades})
         if prob is not None:
@@ -413,6 +562,8 @@ class LeadScoreRunner(Runner):
             "unmatched_leads": "scored with the host's partial score of an all-zero row",
             "result_file": str(path), "columns": list(table.columns),
         }
+        if sessions:
+            payload["tables"] = sessions
         return RunResult(payload, rows=n)
 
     @staticmethod
@@ -480,21 +631,170 @@ class LeadScoreRunner(Runner):
             raise QueryFailure("protocol_error", "media: bad DONE reply")
         return grades
 
-    @staticmethod
-    def _standard(ch: SessionChannel, pseud: list[bytes | None], n: int) -> np.ndarray:
-        body = _U32.pack(n) + b"".join(p if p is not None else _NO_RECORD for p in pseud)
-        kind, reply = unframe(ch.exchange(frame(ALIGN, body), round="align"))
-        if kind != PARTIALS or len(reply) != 9 * n:
-            raise QueryFailure("protocol_error", f"{ch.peer}: bad ALIGN reply")
-        return np.asarray([decode_partial_label(reply[9 * i:9 * i + 9]) for i in range(n)])
+    def _standard(self, run: RequesterRun, leads: pd.DataFrame, join: list[str],
+                  kinds: dict[str, Kind]
+                  ) -> tuple[list[np.ndarray], dict[str, int], dict[str, Any]]:
+        """Each host's partial score per lead from its ``partial_scores`` table: download
+        (or a delta onto the cached copy), then blinded batch evaluations of the leads'
+        distinct identifiers and the zero-row item; first hit by priority wins."""
+        items, per_lead = _lead_items(leads, join, kinds)
+        partials: list[np.ndarray] = []
+        matched: dict[str, int] = {}
+        info: dict[str, Any] = {}
+        for host in run.spec.counterparties:
+            name = table_name(run.spec, host)
+            with anonq_sessions.session_errors(host, name):
+                table = anonq_sessions.sync_table(run, host, name)
+                if table.label_size != PARTIAL_LABEL_SIZE:
+                    raise QueryFailure(
+                        "wrong_table", f"{host}'s table {name} has {table.label_size}-byte "
+                        f"labels, not {PARTIAL_LABEL_SIZE}-byte partial scores",
+                        field=f"params.options.tables.{host}", peer=host)
+                found = lifecycle.lookup_batch_sessions(
+                    anonq_sessions.opener(run, host), [*items, tables.ZERO_ROW_ITEM], table,
+                    check_alive=run.check_alive)
+            zero_label = found.get(len(items))
+            if zero_label is None:
+                raise QueryFailure(
+                    "wrong_table", f"{host}'s table {name} has no zero-row entry: not a "
+                    "partial_scores table", field=f"params.options.tables.{host}", peer=host)
+            scores, hits = _pick(per_lead, found, zero_label, host, name)
+            require_min_intersection(run, hits, f"the number of leads matched with {host}")
+            partials.append(scores)
+            matched[host] = hits
+            info[host] = {"table": name, "version": table.version,
+                          "entries": table.entry_count, "evaluations": len(items) + 1}
+        return partials, matched, info
+
+    def _strict_run(self, run: RequesterRun, leads: pd.DataFrame, join: list[str],
+                    kinds: dict[str, Kind], own: np.ndarray, platt: tuple[float, float],
+                    grades_spec: GradeSpec) -> tuple[list[str], dict[str, int]]:
+        spec = run.spec
+        roles = {p: Party.MEDIA if _party_kind(spec, p) == "media" else Party.DEALER
+                 for p in spec.counterparties}
+        media = next(h for h, r in roles.items() if r == Party.MEDIA)
+        dealer = next(h for h, r in roles.items() if r == Party.DEALER)
+        items, origins = requester_items(leads, join, kinds)
+        n = len(leads)
+        with run.session(media, PROTOCOL) as chm, run.session(dealer, PROTOCOL) as chd:
+            channels: dict[str, SessionChannel] = {media: chm, dealer: chd}
+            pseud: dict[str, list[bytes | None]] = {}
+            matched: dict[str, int] = {}
+            for host, ch in channels.items():
+                resolution = align_with(run, host, ch, items, origins)
+                matched[host] = len(resolution.pairs)
+                pseud[host] = [resolution.pairs[i][0] if i in resolution.pairs else None
+                               for i in range(n)]
+            grades = self._strict(run, chm, chd, pseud[media], pseud[dealer], own, platt,
+                                  grades_spec)
+        return grades, matched
 
     # --- counterparty --------------------------------------------------------------------
 
     def open_responder(self, run: CounterpartyRun, session_id: str, protocol: str,
                        peer: str) -> SessionResponder:
-        if protocol != PROTOCOL:
-            raise QueryFailure("bad_protocol", f"lead_score runs {PROTOCOL}")
-        return _HostResponder(run, session_id)
+        mode = _mode(run.spec)
+        if protocol == ANONQ_PROTOCOL and mode == "standard":
+            return _table_responder(run, session_id, peer)
+        if protocol == PROTOCOL and mode == "strict":
+            return _HostResponder(run, session_id)
+        want = ANONQ_PROTOCOL if mode == "standard" else PROTOCOL
+        raise QueryFailure("bad_protocol", f"lead_score in {mode} mode runs {want}, "
+                           f"not {protocol}")
+
+
+# --- standard mode helpers -----------------------------------------------------------------
+
+
+def _lead_items(leads: pd.DataFrame, join: list[str], kinds: dict[str, Kind]
+                ) -> tuple[list[bytes], list[list[tuple[int, int]]]]:
+    """The distinct table items of the leads' identifiers and, per lead, its
+    ``(priority rank, item index)`` pairs, best first (phone > email > device id, then
+    column order)."""
+    rank = {k: i for i, k in enumerate(PRIORITY)}
+    index: dict[bytes, int] = {}
+    per_lead: list[list[tuple[int, int]]] = [[] for _ in range(len(leads))]
+    for pos, column in enumerate(join):
+        kind = kinds[column]
+        order = rank[kind] * len(join) + pos
+        for row, value in enumerate(leads[column].to_numpy(dtype=object)):
+            if value is None or value is pd.NA or value != value or not str(value):
+                continue
+            item = encode_item(kind, str(value))
+            per_lead[row].append((order, index.setdefault(item, len(index))))
+    for pairs in per_lead:
+        pairs.sort()
+    return list(index), per_lead
+
+
+def _pick(per_lead: list[list[tuple[int, int]]], found: dict[int, bytes], zero_label: bytes,
+          host: str, name: str) -> tuple[np.ndarray, int]:
+    """Each lead's partial score (its first identifier that hit, else the zero-row score)
+    and the number of leads that hit."""
+    try:
+        zero = decode_partial_label(zero_label)
+        cache: dict[int, float] = {}
+        out = np.empty(len(per_lead), dtype=np.float64)
+        hits = 0
+        for row, pairs in enumerate(per_lead):
+            hit = next((i for _, i in pairs if i in found), None)
+            if hit is None:
+                out[row] = zero
+                continue
+            hits += 1
+            value = cache.get(hit)
+            if value is None:
+                value = cache[hit] = decode_partial_label(found[hit])
+            out[row] = value
+    except RemoteProtocolError as exc:
+        raise QueryFailure("protocol_error", f"{host}, table {name}: {exc}",
+                           peer=host) from None
+    return out, hits
+
+
+class _CapturingResponder:
+    """The owner's responder, each received message also handed to the node's transcript
+    test hook (``CLEANROOM_ANONQ_TRANSCRIPT``; a no-op unless set when the node started)."""
+
+    def __init__(self, inner: lifecycle.OwnerSessionResponder,
+                 capture: Callable[[str, bytes], None]) -> None:
+        self.inner = inner
+        self.capture = capture
+
+    @property
+    def finished(self) -> bool:
+        return self.inner.finished
+
+    def handle(self, message: bytes) -> bytes:
+        self.capture("lead_score", message)
+        return self.inner.handle(message)
+
+
+def _table_responder(run: CounterpartyRun, session_id: str, peer: str) -> SessionResponder:
+    """A host's end of one standard-mode ``labeled_psi`` session: its published
+    ``partial_scores`` table for this model, download and batch evaluations only."""
+    from cleanroom.anonq.api import lifecycle_source, state_of
+
+    spec, me = run.spec, run.me
+    _model_row(run.ctx, spec, me)
+    name = table_name(spec, me)
+    field = f"params.options.tables.{me}"
+    try:
+        source, budget = lifecycle_source(run.ctx, name, peer)
+    except CleanroomError as exc:
+        raise QueryFailure("no_table", f"table {name!r} at {me}: {exc}; publish it with "
+                           f"kind partial_scores and model {_model_id(spec)}",
+                           field=field, party=me) from None
+    meta = source.meta
+    if meta.kind != tables.PARTIAL_SCORES or meta.query_type != "lead_score":
+        raise QueryFailure("wrong_table", f"table {name!r} at {me} is a {meta.kind} table "
+                           f"for {meta.query_type}, not a partial_scores table for lead_score",
+                           field=field, party=me)
+    _check_table_sources(run.ctx, spec, me, name, meta.sources)
+    responder = lifecycle.open_owner_session(
+        source, peer=peer, session_id=protocol_session_id(run.query_id, session_id),
+        modes=frozenset({AnonqMode.BATCH, AnonqMode.DOWNLOAD}), budget=budget)
+    return _CapturingResponder(responder, state_of(run.ctx).capture)
 
 
 def _fetch_table(run: RequesterRun, ch: SessionChannel, pub: PublicKey
@@ -527,12 +827,11 @@ def _fetch_table(run: RequesterRun, ch: SessionChannel, pub: PublicKey
 
 
 class _HostResponder:
-    """A host's end of the ``lsc`` session: PSI, then the strict or the standard part."""
+    """A host's end of the strict-mode ``lsc`` session: PSI, then the strict part."""
 
     def __init__(self, run: CounterpartyRun, session_id: str) -> None:
         spec = run.spec
         self.run = run
-        self.mode = _mode(spec)
         self.role_party = Party.MEDIA if _party_kind(spec, run.me) == "media" else Party.DEALER
         ident, join, feats, _ = _load_party(run.ctx, spec, run.me)
         self.model, _ = load_own_slice(run.ctx, spec, run.me, feats.columns)
@@ -541,7 +840,6 @@ class _HostResponder:
                         "join_key"))
         items, labels = responder_items(ident, join, kinds)  # type: ignore[arg-type]
         self.pseudonyms = [labels[i * len(join)] for i in range(len(ident))]
-        self.record_of = {p: i for i, p in enumerate(self.pseudonyms)}
         self.feats = feats
         rule = run.policy.partners.get(spec.requester)
         modes = frozenset(Mode.INTERSECTION for m in (rule.psi_reveal if rule else [])
@@ -570,11 +868,6 @@ class _HostResponder:
         if self.done:
             raise RemoteProtocolError("lsc session: already finished", status_hint=409)
         kind, body = unframe(message)
-        if self.mode == "standard":
-            if kind != ALIGN:
-                raise RemoteProtocolError("lsc session: standard mode expects ALIGN",
-                                          status_hint=409)
-            return self._align(body)
         if kind == SETUP and self.pub is None:
             return self._setup(body)
         if kind == TABLE and self.table is not None:
@@ -621,29 +914,6 @@ class _HostResponder:
         if end == total and self.role_party == Party.DEALER:
             self.done = True
         return frame(ROWS, b"".join(out))
-
-    def _align(self, body: bytes) -> bytes:
-        if len(body) < 4:
-            raise RemoteProtocolError("ALIGN: truncated")
-        (n,) = _U32.unpack_from(body)
-        rows = body[4:]
-        if n < 1 or len(rows) != n * LABEL_BYTES:
-            raise RemoteProtocolError("ALIGN: wrong length")
-        scores, zero = self._scores()
-        seen: set[int] = set()
-        out = []
-        for i in range(n):
-            tag = rows[i * LABEL_BYTES:(i + 1) * LABEL_BYTES]
-            if tag == _NO_RECORD:
-                out.append(encode_partial_label(zero))
-                continue
-            rec = self.record_of.get(tag)
-            if rec is None or rec in seen:
-                raise RemoteProtocolError("ALIGN: unknown or repeated record pseudonym")
-            seen.add(rec)
-            out.append(encode_partial_label(float(scores[rec])))
-        self.done = True
-        return frame(PARTIALS, b"".join(out))
 
 
 register(LeadScoreRunner())

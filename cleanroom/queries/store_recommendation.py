@@ -49,9 +49,8 @@ logs. Runners must not open sockets: every exchange is ``channel.exchange``.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from cleanroom.node.context import NodeContext
 from cleanroom.node.datasets import dataset_summary
 from cleanroom.policy import QuerySpec
 from cleanroom.policy.spec import InputSpec
+from cleanroom.queries import anonq_sessions
 from cleanroom.queries.runners import (
     CounterpartyRun,
     QueryFailure,
@@ -75,11 +75,10 @@ from cleanroom.queries.runners import (
     register,
 )
 from cleanroom.queries.segment_stats import _kinds, _load
-from protocols.errors import RemoteProtocolError
-from protocols.labeled_psi import Mode, Table
+from protocols.labeled_psi import Mode
 from protocols.psi.multikey import encode_item
 
-PROTOCOL = "labeled_psi"
+PROTOCOL = anonq_sessions.PROTOCOL
 NEAREST = "nearest_stores"
 INVENTORY = "inventory"
 DEFAULT_TABLES = {NEAREST: "nearest_stores", INVENTORY: "inventory"}
@@ -191,19 +190,8 @@ class StoreRecommendationRunner(Runner):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
                 raise SpecRefused(_rule(name), f"params.options.{name}",
                                   f"{name} must be a whole number 0..{top}")
-        names = _option(spec, "tables", {})
-        if not isinstance(names, dict):
-            raise SpecRefused(_rule("tables"), "params.options.tables",
-                              "tables must map a counterparty to the name of its table")
-        for peer, name in names.items():
-            if peer not in spec.counterparties:
-                raise SpecRefused(_rule("tables"), f"params.options.tables.{peer}",
-                                  f"{peer} is not a counterparty")
-            try:
-                tables.check_table_name(name)
-            except InputError as exc:
-                raise SpecRefused(_rule("tables"), f"params.options.tables.{peer}",
-                                  str(exc)) from None
+        anonq_sessions.check_table_names(_option(spec, "tables", {}), spec.counterparties,
+                                         _rule("tables"))
 
     def _validate_requester(self, spec: QuerySpec) -> None:
         me = spec.requester
@@ -310,17 +298,17 @@ class StoreRecommendationRunner(Runner):
         mode = _option(spec, "mode", "batch")
         media_table = table_name(spec, media, NEAREST)
         info: dict[str, Any] = {"mode": mode}
-        with _session_errors(media, media_table):
+        with anonq_sessions.session_errors(media, media_table):
             if mode == "batch":
-                table = _sync(run, media, media_table)
+                table = anonq_sessions.sync_table(run, media, media_table)
                 found_pos = lifecycle.lookup_batch_sessions(
-                    _opener(run, media), items, table, check_alive=run.check_alive) \
+                    anonq_sessions.opener(run, media), items, table, check_alive=run.check_alive) \
                     if items else {}
                 info[media] = {"table": media_table, "version": table.version,
                                "entries": table.entry_count}
             else:
                 found_pos, smallest = lifecycle.lookup_realtime_sessions(
-                    _opener(run, media), items,
+                    anonq_sessions.opener(run, media), items,
                     min_anonymity=int(_option(spec, "min_anonymity", 1000)),
                     check_alive=run.check_alive) if items else ({}, 0)
                 info[media] = {"table": media_table, "smallest_bucket": smallest}
@@ -349,10 +337,11 @@ class StoreRecommendationRunner(Runner):
                 field=f"inputs.{spec.requester}.{_index_of(spec, stores_in)}.dataset",
                 peer=media) from None
         dealer_table = table_name(spec, dealer, INVENTORY)
-        with _session_errors(dealer, dealer_table):
-            inv_table = _sync(run, dealer, dealer_table)
+        with anonq_sessions.session_errors(dealer, dealer_table):
+            inv_table = anonq_sessions.sync_table(run, dealer, dealer_table)
             inv_pos = lifecycle.lookup_batch_sessions(
-                _opener(run, dealer), [tables.inventory_item(k) for k in keys], inv_table,
+                anonq_sessions.opener(run, dealer), [tables.inventory_item(k) for k in keys],
+                inv_table,
                 check_alive=run.check_alive) if keys else {}
         info[dealer] = {"table": dealer_table, "version": inv_table.version,
                         "entries": inv_table.entry_count}
@@ -480,34 +469,6 @@ def _lead_items(frame: pd.DataFrame, columns: Sequence[str], kinds: dict[str, An
             items.append(encode_item(kind, str(value)))
             origin.append((lead, str(kind)))
     return items, origin
-
-
-def _opener(run: RequesterRun, peer: str) -> lifecycle.OpenChannel:
-    def open_channel() -> Any:
-        return run.session(peer, PROTOCOL, "lookup")
-
-    return open_channel
-
-
-def _sync(run: RequesterRun, peer: str, name: str) -> Table:
-    """The owner's current table: a delta onto this node's cached copy, else all of it."""
-    from cleanroom.anonq.client import cached_table, save_cached_table
-
-    have = cached_table(run.ctx, peer, name)
-    fresh = lifecycle.download_table(_opener(run, peer), have)
-    if have is None or (fresh.table_id, fresh.version) != (have.table_id, have.version):
-        save_cached_table(run.ctx, peer, name, fresh)
-    return fresh
-
-
-@contextlib.contextmanager
-def _session_errors(peer: str, name: str) -> Iterator[None]:
-    """Protocol errors on our side of a session: fail naming the peer and its table."""
-    try:
-        yield
-    except RemoteProtocolError as exc:
-        raise QueryFailure("protocol_error", f"{peer}, table {name}: {exc}",
-                           peer=peer) from None
 
 
 def _check_sources(ctx: NodeContext, spec: QuerySpec, me: str, role: str, name: str,
