@@ -452,3 +452,42 @@ def test_encode_decode_large_and_exact() -> None:
 def test_encode_decode_property(xs: list[float]) -> None:
     got = decode(encode(np.array(xs, dtype=np.float64), 32), 32)
     assert np.all(np.abs(got - np.array(xs)) <= quantisation_error(32))
+
+
+# -- owner-side CRT encryption, batched validation, grouped multi-exponentiation ---------
+def test_crt_encryption_equals_public_encryption(keys: tuple[PublicKey, PrivateKey]) -> None:
+    from protocols.paillier.hazmat import encrypt_with_exponents_unsafe
+
+    pub, priv = keys
+    values = [0, 1, -1, 12345, -(2**200), pub.max_int]
+    exps = [secrets.randbits(pub.exponent_bits) for _ in values]
+    nb = (pub.exponent_bits + 7) // 8
+    crt = priv._encrypt_residues([pub.check_plaintext(v) for v in values],
+                                 [a.to_bytes(nb, "little") for a in exps])
+    ref = encrypt_with_exponents_unsafe(pub, values, exps)
+    assert [int(c) for c in crt] == ref.ciphertexts
+    fresh = priv.encrypt_encoded(values)
+    assert fresh.fresh and priv.decrypt_encoded(fresh) == values
+    assert len(set(fresh.ciphertexts)) == len(values)
+
+
+def test_batched_validation_names_the_bad_ciphertext(keys: tuple[PublicKey, PrivateKey]
+                                                     ) -> None:
+    pub, _ = keys
+    good = pub.encrypt_encoded([1, 2, 3]).ciphertexts
+    assert [int(c) for c in pub.validate_ciphertexts(good)] == good
+    for bad, why in ((pub.n * 7, "unit"), (0, "outside"), (pub.nsquare, "outside")):
+        with pytest.raises(PaillierFormatError, match=why) as err:
+            pub.validate_ciphertexts([good[0], good[1], bad])
+        assert err.value.field == "ciphertexts[2]"
+
+
+def test_multiexp_grouped_exponents_match_direct(keys: tuple[PublicKey, PrivateKey]) -> None:
+    pub, _ = keys
+    n2 = pub._n2
+    bases = [gmpy2.mpz(c) for c in pub.encrypt_encoded(list(range(200))).ciphertexts]
+    for exps in (np.full(200, 4097), np.arange(200) % 2 * 4096 + 32768):
+        expected = gmpy2.mpz(1)
+        for b, e in zip(bases, exps.tolist(), strict=True):
+            expected = expected * gmpy2.powmod(b, e, n2) % n2
+        assert multiexp(bases, exps, n2) == expected

@@ -249,3 +249,32 @@ def test_quality_full_size(three_keys: list[Keys]) -> None:
     print("federated AUC", fed_auc, "centralised", central)
     print("lift by decile", [round(r["lift"], 2) for r in lift])
     assert lift[0]["lift"] >= 3.0
+
+
+def test_worker_dot_jobs_equal_inline_products(trained: tuple) -> None:
+    import pickle
+
+    from protocols.vertical_lr.training import run_dot_job
+
+    roles, _ = trained
+    g = roles[Party.GUEST]
+    pub = roles[Party.MEDIA].pub
+    rows = pub.encrypt_encoded(list(range(40)))
+    expo = np.random.default_rng(5).integers(0, 1 << 16, size=(40, 3))
+    expo[:, 2] = 4096  # a constant column takes the grouped path
+    inline = [int(c) for c in rows.dot(expo).ciphertexts]
+    seen: list[int] = []
+
+    def runner(jobs: list) -> list[list[int]]:
+        seen.append(len(jobs))  # jobs cross a process boundary: they must pickle
+        return [run_dot_job(pickle.loads(pickle.dumps(j))) for j in jobs]
+
+    old = g.runner, g.jobs
+    try:
+        g.runner, g.jobs = runner, 3
+        assert g._column_products(rows, expo).ciphertexts == inline
+        assert seen == [3] and "rows=" in repr(pickle.loads(pickle.dumps(
+            __import__("protocols.vertical_lr.training", fromlist=["DotJob"]).DotJob(
+                pub.nsquare, (1, 2), np.ones((2, 1), dtype=np.int64)))))
+    finally:
+        g.runner, g.jobs = old

@@ -7,7 +7,8 @@
 * :func:`multiexp` computes ``prod(b_i ^ e_i) mod m`` for many bases at once with the bucket
   method (Pippenger): per window of ``c`` bits each base costs one multiplication, plus
   ``2^(c+1)`` multiplications per window for the buckets. It falls back to one ``powmod``
-  per base when that is estimated to be cheaper (few bases or huge exponents).
+  per base when that is estimated to be cheaper (few bases or huge exponents), and groups
+  bases by exponent when there are few distinct exponents (a constant or a 0/1 column).
 
 This module is pure arithmetic: it draws no randomness, keeps no secrets of its own and does
 no I/O. Its timing depends on the exponents (it is not constant-time), which is acceptable
@@ -132,6 +133,15 @@ def multiexp(bases: Sequence[Mpz], exps: Sequence[int] | np.ndarray, modulus: in
     if bits == 0:
         return gmpy2.mpz(1)
     count = len(bases)
+    if arr is not None and count > 64:
+        # few distinct exponents (a constant or 0/1 column): one product per value, then
+        # one powmod per value; cheaper than buckets when count >> values * bits
+        values, inverse = np.unique(arr, return_inverse=True)
+        if values.size * bits * 2 < count:
+            groups: list[Mpz] = [gmpy2.mpz(1)] * values.size
+            for i, g in enumerate(inverse.tolist()):
+                groups[g] = groups[g] * bases[i] % mod
+            return _direct(groups, values.tolist(), mod)
     c, bucket_cost = _best_window(count, bits)
     direct_cost = count * bits  # powmod: ~bits squarings + bits/5 mults, in C (a bit cheaper)
     if direct_cost <= bucket_cost:

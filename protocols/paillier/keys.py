@@ -247,6 +247,30 @@ class PublicKey:
             raise PaillierFormatError("ciphertext is not a unit modulo n^2", field=field)
         return cz
 
+    def validate_ciphertexts(self, cts: list[Any]) -> list[Mpz]:
+        """:meth:`validate_ciphertext` for many: range checks per value, then one gcd of
+        the product modulo n (a non-unit makes the product a non-unit); only if that fails
+        are the values checked one by one, to name the first bad index."""
+        out: list[Mpz] = []
+        n, n2 = self._n, self._n2
+        mpz = gmpy2.mpz
+        mpz_type = type(mpz(0))
+        prod = mpz(1)
+        for i, c in enumerate(cts):
+            if isinstance(c, bool) or not isinstance(c, int | mpz_type):
+                raise PaillierFormatError("ciphertext must be an integer",
+                                          field=f"ciphertexts[{i}]")
+            cz = mpz(c)
+            if not 0 < cz < n2:
+                raise PaillierFormatError("ciphertext outside [1, n^2)",
+                                          field=f"ciphertexts[{i}]")
+            prod = prod * cz % n
+            out.append(cz)
+        if gmpy2.gcd(prod, n) != 1:
+            for i, cz in enumerate(out):
+                self.validate_ciphertext(cz, i)
+        return out
+
     def raw_encrypt(self, m: int) -> Mpz:
         """Encrypt one signed integer plaintext with fresh DJN randomness."""
         residue = self.check_plaintext(int(m))
@@ -306,7 +330,8 @@ class PublicKey:
 class PrivateKey:
     """The factors p < q of n with CRT decryption constants. Keep it at its owner."""
 
-    __slots__ = ("_hp", "_hq", "_p", "_p2", "_p_inv_q", "_q", "_q2", "public_key")
+    __slots__ = ("_crt", "_hp", "_hq", "_p", "_p2", "_p2_inv_q2", "_p_inv_q", "_q", "_q2",
+                 "public_key")
 
     def __init__(self, public_key: PublicKey, p: int, q: int) -> None:
         p, q = int(p), int(q)
@@ -320,6 +345,8 @@ class PrivateKey:
         self._p_inv_q = gmpy2.invert(self._p, self._q)
         self._hp = self._h(self._p, self._p2)
         self._hq = self._h(self._q, self._q2)
+        self._p2_inv_q2 = gmpy2.invert(self._p2, self._q2)
+        self._crt: tuple[FixedBaseTable, FixedBaseTable] | None = None
 
     def _h(self, x: Mpz, x2: Mpz) -> Mpz:
         # h_x = L_x(g^(x-1) mod x^2)^-1 mod x with g = n + 1
@@ -349,6 +376,46 @@ class PrivateKey:
 
     def __hash__(self) -> int:
         return hash(("paillier-private-key", self.public_key.n))
+
+    # -- owner-side encryption (CRT) ----------------------------------------------------
+    def precompute(self) -> PrivateKey:
+        """Build the owner's CRT encryption tables now (two tables modulo p^2 and q^2)."""
+        if self._crt is None:
+            pk = self.public_key
+            hs = pk.djn_hs()
+            self._crt = (FixedBaseTable(hs % self._p2, self._p2, pk.exponent_bits),
+                         FixedBaseTable(hs % self._q2, self._q2, pk.exponent_bits))
+        return self
+
+    def _encrypt_residues(self, residues: list[int], exponents: list[bytes]) -> list[Mpz]:
+        """Ciphertexts of residues mod n with the given DJN exponent bytes (little-endian,
+        top byte masked), computed modulo p^2 and q^2 and joined by the CRT. The result is
+        bit-for-bit the public-key ciphertext ``(1 + m n) * h_s^a mod n^2``."""
+        tp, tq = self.precompute()._crt  # type: ignore[misc]
+        n = self.public_key._n
+        p2, q2, k = self._p2, self._q2, self._p2_inv_q2
+        out: list[Mpz] = []
+        for m, a in zip(residues, exponents, strict=True):
+            g = m * n + 1
+            cp = g % p2 * tp.pow_bytes(a) % p2
+            cq = g % q2 * tq.pow_bytes(a) % q2
+            out.append(cp + (cq - cp) * k % q2 * p2)
+        return out
+
+    def encrypt_encoded(self, encoded: Iterable[int] | np.ndarray, *,
+                        frac_bits: int = 0) -> EncryptedVector:
+        """Encrypt under this key pair's public key, as :meth:`PublicKey.encrypt_encoded`
+        (fresh DJN exponent per value, same ciphertext distribution) but about 1.5-2x
+        faster: the key owner works modulo p^2 and q^2. Only the key owner can do this."""
+        from protocols.paillier.encoding import as_int_list
+        from protocols.paillier.vector import EncryptedVector
+
+        pk = self.public_key
+        ints = as_int_list(encoded, name="values")
+        residues = [pk.check_plaintext(m, i) for i, m in enumerate(ints)]
+        exps = [pk._random_exponent_bytes() for _ in residues]
+        return EncryptedVector._trusted(pk, self._encrypt_residues(residues, exps), frac_bits,
+                                        fresh=True)
 
     # -- decryption ---------------------------------------------------------------------
     def raw_decrypt(self, c: int) -> int:

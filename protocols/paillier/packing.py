@@ -143,10 +143,8 @@ class PackedVector:
         """Wrap packed ciphertexts received from elsewhere (validated unless told otherwise)."""
         layout.check_key(public_key)
         cts = list(ciphertexts)
-        if validate:
-            cts = [public_key.validate_ciphertext(c, i) for i, c in enumerate(cts)]
-        else:
-            cts = [gmpy2.mpz(c) for c in cts]
+        cts = (public_key.validate_ciphertexts(cts) if validate
+               else [gmpy2.mpz(c) for c in cts])
         expected = -(-count // layout.slots) if count > 0 else 0
         if count < 0 or len(cts) != expected:
             raise PaillierFormatError(

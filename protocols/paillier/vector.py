@@ -62,10 +62,8 @@ class EncryptedVector:
         if frac_bits < 0:
             raise PaillierFormatError("frac_bits must be >= 0", field="frac_bits")
         cts = list(ciphertexts)
-        if validate:
-            cts = [public_key.validate_ciphertext(c, i) for i, c in enumerate(cts)]
-        else:
-            cts = [gmpy2.mpz(c) for c in cts]
+        cts = (public_key.validate_ciphertexts(cts) if validate
+               else [gmpy2.mpz(c) for c in cts])
         self.public_key = public_key
         self._cts: list[Mpz] = cts
         self.frac_bits = frac_bits

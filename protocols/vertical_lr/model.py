@@ -39,7 +39,7 @@ class TrainingConfig:
     learning_rate: float = 1.0
     lr_decay: float = 0.02
     momentum: float = 0.9
-    l2: float = 1e-3
+    l2: float = 0.1  # ridge on the Taylor (least-squares) objective; see lead-scoring.md
     eval_every: int = 10
     max_checks: int = 6
     patience: int = 2

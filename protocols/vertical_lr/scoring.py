@@ -68,8 +68,11 @@ from protocols.vertical_lr.model import FloatArray, sigmoid
 
 GRADES = ("A", "B", "C", "D")
 LABEL_VERSION = 1
-GRADE_FRAC_BITS = 16  # strict-mode score scale; |s| < 2^15 so |s - t| < 2^32
-SCORE_BOUND_BITS = 32
+GRADE_FRAC_BITS = 16  # strict-mode score scale
+# |partial score|, |threshold| < 2^(SCORE_BOUND_BITS - GRADE_FRAC_BITS - 2) = 64 log-odds,
+# so |s - t| < 2^SCORE_BOUND_BITS at scale 2^-16; the slot width (and the OEM's squarings
+# per comparison) grows with it: 24 gives 74-bit slots, 27 comparisons per ciphertext
+SCORE_BOUND_BITS = 24
 MAX_BATCH_VALUES = 1 << 20
 Mpz = Any  # gmpy2.mpz has no type stubs
 
@@ -152,6 +155,18 @@ def load_partial_label(label: bytes, key_holder: PublicKey) -> int:
         raise RemoteProtocolError("encrypted partial-score label: wrong length")
     try:
         return int(key_holder.validate_ciphertext(int.from_bytes(label, "big")))
+    except PaillierError as exc:
+        raise RemoteProtocolError(f"encrypted partial-score label: {exc}") from exc
+
+
+def load_partial_labels(labels: Sequence[bytes], key_holder: PublicKey) -> list[Mpz]:
+    """OEM: many labels at once (one gcd for the batch instead of one per label)."""
+    w = _width(key_holder)
+    for i, label in enumerate(labels):
+        if len(label) != w:
+            raise RemoteProtocolError(f"encrypted partial-score label {i}: wrong length")
+    try:
+        return key_holder.validate_ciphertexts([int.from_bytes(b, "big") for b in labels])
     except PaillierError as exc:
         raise RemoteProtocolError(f"encrypted partial-score label: {exc}") from exc
 
@@ -268,12 +283,10 @@ class StrictGrader:
         pk = self.key_holder
         n2 = pk._n2
         own_int = np.rint(np.ldexp(own, GRADE_FRAC_BITS)).astype(np.int64).tolist()
-        bases: list[Mpz] = []
-        for i in range(n):
-            c = gmpy2.mpz(1)
-            for h in host_labels:
-                c = c * load_partial_label(h[i], pk) % n2
-            bases.append(c)
+        bases: list[Mpz] = [gmpy2.mpz(1)] * n
+        for h in host_labels:
+            for i, c in enumerate(load_partial_labels(h, pk)):
+                bases[i] = bases[i] * c % n2
         if self.adaptive:
             mid = self._t[len(self._t) // 2]
             items = [(lead, mid) for lead in range(n)]
@@ -507,5 +520,6 @@ __all__ = [
     "encode_partial_label",
     "encrypt_partial_labels",
     "load_partial_label",
+    "load_partial_labels",
     "run_blind_job",
 ]

@@ -38,9 +38,12 @@ from __future__ import annotations
 
 import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
+import gmpy2
 import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -57,6 +60,7 @@ from protocols.paillier import (
     load_vector,
     to_bytes,
 )
+from protocols.paillier.fastexp import multiexp
 from protocols.vertical_lr import fixedpoint as fx
 from protocols.vertical_lr.messages import (
     SESSION_ID_BYTES,
@@ -96,6 +100,33 @@ def slot_bits_for(n_rows: int) -> int:
     """Slot width of a packed Gram entry plus its mask: sum of n_rows products of 16-bit
     offsets, plus STAT_BITS of mask, plus a carry bit."""
     return 32 + max(n_rows, 1).bit_length() + fx.STAT_BITS + 1
+
+
+@dataclass(frozen=True)
+class DotJob:
+    """Picklable work order for the exponent holder's heavy setup step: ``prod_i
+    bases[i] ^ exponents[i, j] mod modulus`` for every column j (a slice of the rows).
+
+    Contains the exponent holder's own (offset, quantised) features: hand it only to that
+    party's own worker processes, never to another party, never log it.
+    """
+
+    modulus: int
+    bases: tuple[int, ...]
+    exponents: np.ndarray  # int64, rows x columns, all >= 0
+
+    def __repr__(self) -> str:  # never print the features
+        return f"DotJob(rows={len(self.bases)}, columns={self.exponents.shape[1]})"
+
+
+def run_dot_job(job: DotJob) -> list[int]:
+    """The column products of ``job`` (bucket multi-exponentiation), as Python ints."""
+    bases = [gmpy2.mpz(b) for b in job.bases]
+    return [int(multiexp(bases, job.exponents[:, j], job.modulus))
+            for j in range(job.exponents.shape[1])]
+
+
+DotRunner = Callable[[Sequence[DotJob]], Sequence[Sequence[int]]]
 
 
 @dataclass(frozen=True)
@@ -154,13 +185,18 @@ class _Role(ABC):
 
     def __init__(self, party: Party, session_id: bytes, config: TrainingConfig,
                  train: FloatArray, val: FloatArray, *, shape: dict[str, int],
-                 keys: tuple[PublicKey, PrivateKey] | None, intercept: bool) -> None:
+                 keys: tuple[PublicKey, PrivateKey] | None, intercept: bool,
+                 runner: DotRunner | None = None, jobs: int = 1) -> None:
         config.validate()
         if len(session_id) != SESSION_ID_BYTES:
             raise LocalProtocolError("session_id must be 16 bytes", status_hint=500)
         tr = fx.check_matrix(train, f"{party.name.lower()} training features")
         va = fx.check_matrix(val, f"{party.name.lower()} validation features")
+        if jobs < 1:
+            raise LocalProtocolError("jobs must be >= 1", status_hint=500)
         self.party = party
+        self.runner = runner
+        self.jobs = jobs
         self.session_id = session_id
         self.config = config
         self.shape = dict(shape)
@@ -192,13 +228,14 @@ class _Role(ABC):
         if self.pub.n_bits < config.key_bits:
             raise LocalProtocolError("Paillier key shorter than the agreed key_bits",
                                      status_hint=500)
-        self.pub.precompute()
+        self.priv.precompute()  # owner-side CRT encryption tables
         self.peer_keys: dict[Party, PublicKey] = {}
         self.slot_bits = slot_bits_for(self.n)
         self.slots = (self.pub.n_bits - 3) // self.slot_bits
         self.digest = config.digest({"shape": self.shape,
                                      "session": session_id.hex()})
         self.pairs = {(e, p): _Pair(e, p) for e, p in PAIRS if party in (e, p)}
+        self._rows_enc: EncryptedVector | None = None
         self.state = State.IDLE
         self.seen: set[tuple[MsgType, Party, int]] = set()
         self.w = np.zeros(self.x.shape[1])
@@ -304,17 +341,21 @@ class _Role(ABC):
         return self.peer_keys[party]
 
     def _rows_message(self, to: Party) -> tuple[Party, bytes]:
-        """P: every training row's features (+ offset) packed into ceil(d/slots) plaintexts."""
-        d = self.xq.shape[1]
-        chunks = -(-d // self.slots)
-        shifted = (self.xq + _OFF).tolist()
-        ints: list[int] = []
-        for row in shifted:
-            for k in range(chunks):
-                ints.append(fx.pack_slots(row[k * self.slots:(k + 1) * self.slots],
-                                          self.slot_bits))
-        enc = self.pub.encrypt_encoded(ints)
-        return self._msg(MsgType.ROWS, to, 0, [to_bytes(enc, context=self._ctx(
+        """P: every training row's features (+ offset) packed into ceil(d/slots) plaintexts,
+        encrypted once under P's own key (CRT) and sent to each E of P's pairs: the media
+        platform sends the same fresh ciphertexts to the guest and to the dealer (each copy
+        bound to its recipient by the serialisation context)."""
+        if self._rows_enc is None:
+            d = self.xq.shape[1]
+            chunks = -(-d // self.slots)
+            shifted = (self.xq + _OFF).tolist()
+            ints: list[int] = []
+            for row in shifted:
+                for k in range(chunks):
+                    ints.append(fx.pack_slots(row[k * self.slots:(k + 1) * self.slots],
+                                              self.slot_bits))
+            self._rows_enc = self.priv.encrypt_encoded(ints)
+        return self._msg(MsgType.ROWS, to, 0, [to_bytes(self._rows_enc, context=self._ctx(
             MsgType.ROWS, to, 0, 0))])
 
     def _exponents(self) -> np.ndarray:
@@ -338,7 +379,7 @@ class _Role(ABC):
         parts: list[EncryptedVector] = []
         for k in range(chunks):
             sub = rows.take(np.arange(k, self.n * chunks, chunks))
-            block = sub.dot(expo)  # d_E packed ciphertexts
+            block = self._column_products(sub, expo)  # d_E packed ciphertexts
             lo, hi = k * self.slots, min(d_p, (k + 1) * self.slots)
             packed_mask = [fx.pack_slots(mask[row][lo:hi], self.slot_bits)
                            for row in range(d_e)]
@@ -348,11 +389,32 @@ class _Role(ABC):
         const = self.n * _K * _OFF
         pair.a = [[-(mask[r][j] + _OFF * col_e[r] + const) for j in range(d_p)]
                   for r in range(d_e)]
-        enc_a = self.pub.encrypt_encoded([v for row in pair.a for v in row])
+        enc_a = self.priv.encrypt_encoded([v for row in pair.a for v in row])
         ctx = self._ctx(MsgType.MASKED, p, 0, 0)
         ctx_a = self._ctx(MsgType.MASKED, p, 0, 1)
         return [self._msg(MsgType.MASKED, p, 0, [to_bytes(masked, context=ctx),
                                                  to_bytes(enc_a, context=ctx_a)])]
+
+    def _column_products(self, rows: EncryptedVector, expo: np.ndarray) -> EncryptedVector:
+        """``prod_i rows[i] ^ expo[i, j]`` for every column j: inline, or as ``self.jobs``
+        row slices through ``self.runner`` (this party's own worker processes)."""
+        if self.runner is None:
+            return rows.dot(expo)
+        key = rows.public_key
+        cts = rows.ciphertexts
+        n_jobs = max(1, min(self.jobs, len(cts)))
+        cuts = [len(cts) * j // n_jobs for j in range(n_jobs + 1)]
+        work = [DotJob(key.nsquare, tuple(cts[lo:hi]), np.ascontiguousarray(expo[lo:hi]))
+                for lo, hi in pairwise(cuts)]
+        results = self.runner(work)
+        if len(results) != len(work) or any(len(r) != expo.shape[1] for r in results):
+            raise LocalProtocolError("dot runner returned the wrong number of results",
+                                     status_hint=500)
+        n2 = key._n2
+        out = [gmpy2.mpz(1)] * expo.shape[1]
+        for res in results:
+            out = [a * gmpy2.mpz(b) % n2 for a, b in zip(out, res, strict=True)]
+        return EncryptedVector(key, out, 0, validate=False)
 
     def _on_masked(self, msg: Message) -> Outgoing:
         """P: decrypt the masked block into my share b; keep E's encrypted share."""
@@ -374,7 +436,7 @@ class _Role(ABC):
                 for j, v in enumerate(vals):
                     b[r][lo + j] = v - _K * self.col_sums[lo + j]
         pair.b = b
-        enc_b = self.pub.encrypt_encoded([v for row in b for v in row])
+        enc_b = self.priv.encrypt_encoded([v for row in b for v in row])
         out = [self._msg(MsgType.SHARE, e, 0, [to_bytes(enc_b, context=self._ctx(
             MsgType.SHARE, e, 0, 0))])]
         pair.done = True
@@ -453,9 +515,10 @@ class TrainingGuest(_Role):
 
     def __init__(self, session_id: bytes, config: TrainingConfig, train: FloatArray,
                  labels: Any, val: FloatArray, val_labels: Any, *, shape: dict[str, int],
-                 keys: tuple[PublicKey, PrivateKey] | None = None) -> None:
+                 keys: tuple[PublicKey, PrivateKey] | None = None,
+                 runner: DotRunner | None = None, jobs: int = 1) -> None:
         super().__init__(Party.GUEST, session_id, config, train, val, shape=shape, keys=keys,
-                         intercept=True)
+                         intercept=True, runner=runner, jobs=jobs)
         y = np.asarray(labels, dtype=np.float64).ravel()
         yv = np.asarray(val_labels, dtype=np.float64).ravel()
         for name, arr, rows in (("labels", y, self.n), ("validation labels", yv,
@@ -610,11 +673,12 @@ class TrainingHost(_Role):
 
     def __init__(self, party: Party, session_id: bytes, config: TrainingConfig,
                  train: FloatArray, val: FloatArray, *, shape: dict[str, int],
-                 keys: tuple[PublicKey, PrivateKey] | None = None) -> None:
+                 keys: tuple[PublicKey, PrivateKey] | None = None,
+                 runner: DotRunner | None = None, jobs: int = 1) -> None:
         if party not in HOSTS:
             raise LocalProtocolError("a host is the media platform or the dealer")
         super().__init__(party, session_id, config, train, val, shape=shape, keys=keys,
-                         intercept=False)
+                         intercept=False, runner=runner, jobs=jobs)
         self.other = Party.DEALER if party == Party.MEDIA else Party.MEDIA
         self._x25519 = X25519PrivateKey.generate()
         self.mask_seed: bytes | None = None
