@@ -12,6 +12,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_queries_support import (
     BASE_POLICIES,
     QueryNodes,
@@ -27,6 +29,7 @@ from test_queries_support import (
 )
 
 from cleanroom.node.datasets import load_dataset
+from cleanroom.queries.match import kind_items
 from cleanroom.queries.psi_session import encode_batch
 from cleanroom.queries.runners import protocol_session_id
 from cleanroom.transport import PeerCallError
@@ -315,3 +318,20 @@ def test_hostile_messages_get_4xx_and_the_transcript_holds_no_identifier(
     assert len(blob) > 32 * len(phones)
     assert [p for p in phones if p.encode() in blob] == []
     assert [p for p in phones if p.lstrip("+").encode() in blob] == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(a=st.lists(st.one_of(st.none(), st.text(max_size=8)), max_size=30),
+       b=st.lists(st.one_of(st.none(), st.text(max_size=8)), max_size=30))
+def test_kind_items_are_the_distinct_encoded_values(a: list[str | None],
+                                                    b: list[str | None]) -> None:
+    """The bulk encoding (one join, one split) gives exactly the per-value items, once
+    each, also for values holding NUL or non-ASCII characters; columns of another kind
+    are left out."""
+    n = max(len(a), len(b))
+    frame = pd.DataFrame({"p1": a + [None] * (n - len(a)), "p2": b + [None] * (n - len(b)),
+                          "e": ["x@y"] * n})
+    kinds: dict[str, Any] = {"p1": "phone", "p2": "phone", "e": "email"}
+    got = kind_items(frame, ["p1", "p2", "e"], kinds, "phone")
+    want = {encode_item("phone", str(v)) for v in a + b if v is not None}
+    assert len(got) == len(set(got)) and set(got) == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 
 import private_set_intersection.python as psi
@@ -43,19 +44,36 @@ def test_stock_client_gets_the_intersection(kind: SetupKind) -> None:
     assert client_round(server_c, client_items, kind, 1e-9, False) == 50
 
 
+#: A fixed server key (a valid P-256 scalar): with it the false positives are a fixed
+#: function of the items, so the statistical test below gives the same answer every run.
+FIXED_KEY = hashlib.sha256(b"cleanroom openmined-psi false-positive test").digest()
+
+
 @pytest.mark.parametrize("kind", [SetupKind.GCS, SetupKind.BLOOM_FILTER])
 def test_false_positives_stay_within_configured_rate(kind: SetupKind) -> None:
-    """The library's fpr is the chance that a query of ``client_set_size`` items sees any
-    false positive, so the mean false-positive count per query is about ``fpr``. 40 queries
-    of non-members at fpr 0.2: mean 8 in total; 20 or more has probability < 1e-4."""
-    server = OpenMinedServer(reveal_intersection=True)
-    fpr, trials, total = 0.2, 40, 0
-    for t in range(trials):
-        non_members = [f"nonmember-{t}-{i}" for i in range(60)]
-        found = client_round(server, non_members, kind, fpr, True)
-        assert isinstance(found, list)
-        total += len(found)
-    assert total < 20
+    """The library's ``fpr`` is the chance that a query of ``client_set_size`` items sees
+    any false positive; it sizes the filter for ``fpr / client_set_size`` per element. 200
+    queries of 10 non-members against 1000 server items at fpr 0.9: 2000 elements at 0.09
+    each, about 180 false positives expected in total. The bound 235 is the mean plus four
+    standard deviations (binomial), so a filter built for the configured rate passes with
+    probability > 0.9999 under a random key; with the fixed key the outcome is the same on
+    every run. At least 125 (four deviations below) shows the filter is not built for a
+    much smaller rate than asked either (it would send more than needed)."""
+    server = OpenMinedServer(reveal_intersection=True, key=FIXED_KEY)
+    fpr, per_query, queries = 0.9, 10, 200
+    items = [f"+86138{i:08d}" for i in range(1000)]
+    setup = psi.ServerSetup()
+    setup.ParseFromString(server.setup_message(items, client_set_size=per_query, fpr=fpr,
+                                               kind=kind))
+    client = psi.client.CreateWithNewKey(True)
+    total = 0
+    for q in range(queries):
+        non_members = [f"nonmember-{q}-{i}" for i in range(per_query)]
+        response = psi.Response()
+        response.ParseFromString(server.process_request(
+            client.CreateRequest(non_members).SerializeToString()))
+        total += len(client.GetIntersection(setup, response))
+    assert 125 <= total <= 235, total
 
 
 def test_garbage_and_mismatched_requests_are_remote_errors() -> None:

@@ -16,11 +16,25 @@ naming the rule. The library objects are not thread-safe: each worker thread get
 object for the session's key (:func:`protocols.psi.openmined.worker_server`). Items are
 the normalised identifier strings as stored (``cleanroom.identity``): the client must
 normalise the same way. Nothing raw is logged or returned besides the library's messages.
+
+Every session is recorded in this node's ledger like any other peer session, through the
+node's shared ledger writer (:func:`cleanroom.node.audit.record`), protocol
+``openmined_psi``, with the session id as both ``query_id`` and ``session_id`` (the
+session is not part of a lifecycle query): ``session_started``, then one
+``message_received`` / ``message_sent`` per message (round, SHA-256 digest, size only:
+``setup_request`` is the canonical JSON of the setup parameters, ``server_setup``,
+``client_request``, ``server_response``) and ``session_ended`` (``ok``; ``failed`` for a
+request the library rejects; ``cancelled`` for a session whose request never came within
+``SESSION_TTL_SECONDS``). A message's entries are durable before the reply that answers it
+leaves; if the ledger cannot record them the call fails with 503 and the session is
+dropped. Refused calls (403/404/429) open no session and are not recorded. Never an
+identifier, a point or a filter in an entry.
 """
 
 from __future__ import annotations
 
-import secrets
+import json
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +43,8 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from cleanroom.errors import CleanroomError
+from cleanroom.ledger import Event, digest, new_id
+from cleanroom.node import audit
 from cleanroom.node.context import NodeContext
 from cleanroom.node.datasets import load_dataset
 from cleanroom.node.deps import CurrentPeer, NodeContextDep, body_limit
@@ -44,6 +60,8 @@ from protocols.psi.openmined import (
 
 SESSION_TTL_SECONDS = 600
 MAX_SESSIONS = 64
+PROTOCOL = "openmined_psi"
+log = logging.getLogger("cleanroom.openmined")
 
 
 @dataclass
@@ -52,6 +70,45 @@ class _Session:
     key: bytes
     reveal: bool
     created: float
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+# --- ledger ------------------------------------------------------------------------------
+
+
+def _common(sid: str, peer: str) -> dict[str, object]:
+    return {"query_id": sid, "session_id": sid, "protocol": PROTOCOL, "peer": peer}
+
+
+def _message(kind: str, sid: str, peer: str, round_name: str, data: bytes) -> Event:
+    return Event(kind, {**_common(sid, peer), "round": round_name, "digest": digest(data),
+                        "size": len(data)})
+
+
+def _ended(sid: str, sess: _Session, outcome: str, *, received: int, sent: int) -> Event:
+    return Event("session_ended", {**_common(sid, sess.peer), "outcome": outcome,
+                                   "messages_received": received, "messages_sent": sent,
+                                   "bytes_received": sess.bytes_received,
+                                   "bytes_sent": sess.bytes_sent})
+
+
+def _record(ctx: NodeContext, events: list[Event]) -> None:
+    """Append ``events`` durably, or refuse the reply (503): no unrecorded session."""
+    try:
+        audit.record(ctx, *events)
+    except CleanroomError as exc:
+        log.error("openmined-psi session not recorded: %s", type(exc).__name__)
+        raise HTTPException(503, "the ledger could not record the session; retry later"
+                            ) from None
+
+
+def _setup_params(dataset: str, column: str, reveal: str, kind: str, client_set_size: int,
+                  fpr: float) -> bytes:
+    """The setup request as the ledger digests it: canonical JSON of its parameters."""
+    return json.dumps({"dataset": dataset, "column": column, "reveal": reveal, "kind": kind,
+                       "client_set_size": client_set_size, "fpr": repr(fpr)},
+                      sort_keys=True, separators=(",", ":")).encode()
 
 
 _sessions: dict[str, _Session] = {}
@@ -83,28 +140,58 @@ def _setup(ctx: NodeContext, peer: str, dataset: str, column: str, reveal: str, 
     server = OpenMinedServer(reveal_intersection=reveal == "intersection")
     data = server.setup_message(items, client_set_size=client_set_size, fpr=fpr,
                                 kind=SetupKind(kind))
-    sid = "om-" + secrets.token_hex(12)
+    sid = new_id("om")  # base32: never looks like an identifier in the ledger
     now = time.monotonic()
+    params = _setup_params(dataset, column, reveal, kind, client_set_size, fpr)
+    sess = _Session(peer, server.key, server.reveal_intersection, now, len(params), len(data))
+    expired: list[tuple[str, _Session]] = []
     with _lock:
         for old in [s for s, v in _sessions.items() if now - v.created > SESSION_TTL_SECONDS]:
-            release_worker_server(_sessions.pop(old).key)
-        if len(_sessions) >= MAX_SESSIONS:
-            raise HTTPException(429, "too many open openmined-psi sessions; retry later")
-        _sessions[sid] = _Session(peer, server.key, server.reveal_intersection, now)
+            gone = _sessions.pop(old)
+            release_worker_server(gone.key)
+            expired.append((old, gone))
+        full = len(_sessions) >= MAX_SESSIONS
+        if not full:
+            _sessions[sid] = sess
+    events = [_ended(old, gone, "cancelled", received=1, sent=1) for old, gone in expired]
+    if full:
+        if events:
+            _record(ctx, events)
+        raise HTTPException(429, "too many open openmined-psi sessions; retry later")
+    events += [
+        Event("session_started", {**_common(sid, peer), "role": "server"}),
+        _message("message_received", sid, peer, "setup_request", params),
+        _message("message_sent", sid, peer, "server_setup", data),
+    ]
+    try:
+        _record(ctx, events)
+    except HTTPException:
+        with _lock:
+            _sessions.pop(sid, None)
+        raise
     return sid, data
 
 
-def _answer(peer: str, sid: str, body: bytes) -> bytes:
+def _answer(ctx: NodeContext, peer: str, sid: str, body: bytes) -> bytes:
     with _lock:
         sess = _sessions.get(sid)
         if sess is None or sess.peer != peer:
             raise HTTPException(404, "no such openmined-psi session for this peer")
         del _sessions[sid]  # one request per session: a replay finds nothing
+    sess.bytes_received += len(body)
+    received = _message("message_received", sid, peer, "client_request", body)
     server = worker_server(sess.key, reveal_intersection=sess.reveal)
     try:
-        return server.process_request(body)
+        reply = server.process_request(body)
+    except ProtocolError:
+        _record(ctx, [received, _ended(sid, sess, "failed", received=2, sent=1)])
+        raise
     finally:
         release_worker_server(sess.key)
+    sess.bytes_sent += len(reply)
+    _record(ctx, [received, _message("message_sent", sid, peer, "server_response", reply),
+                  _ended(sid, sess, "ok", received=2, sent=2)])
+    return reply
 
 
 def routers(ctx: NodeContext) -> list[APIRouter]:
@@ -128,10 +215,11 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
 
     @router.post("/{session}/request", summary="openmined-psi Request -> Response")
     @body_limit("upload")
-    async def request(session: str, request: Request, caller: CurrentPeer) -> Response:
+    async def request(session: str, request: Request, caller: CurrentPeer,
+                      ctx: NodeContextDep) -> Response:
         body = await request.body()
         try:
-            data = await run_in_threadpool(_answer, caller.name, session, body)
+            data = await run_in_threadpool(_answer, ctx, caller.name, session, body)
         except ProtocolError as exc:
             raise HTTPException(400, f"openmined-psi: {exc}") from None
         return Response(data, media_type="application/x-protobuf")

@@ -72,6 +72,7 @@ from cleanroom.queries.segment_stats import _kinds, _load
 from protocols.psi import Mode, PsiResponder
 from protocols.psi.multikey import (
     DUMMY_TAG,
+    KIND_TAG,
     LABEL_BYTES,
     PRIORITY,
     Kind,
@@ -161,16 +162,34 @@ def responder_items(
     return items, labels
 
 
+_ENCODE_CHUNK = 1 << 16
+
+
 def kind_items(frame: pd.DataFrame, columns: Sequence[str], kinds: dict[str, Kind],
                kind: Kind) -> list[bytes]:
-    """Distinct items of one kind (cardinality mode)."""
-    out: set[bytes] = set()
+    """Distinct items of one kind (cardinality mode), in first-seen order.
+
+    Runs once per identifier before a session can start, at both ends: the values are
+    tagged and encoded in one string operation and split back into items (C loops, no
+    Python call per value), 65536 values at a time so the temporaries stay small; a chunk
+    holding a NUL, which the split would cut, takes the per-value path. Same items as
+    :func:`~protocols.psi.multikey.encode_item` per value.
+    """
+    out: dict[bytes, None] = {}
+    tag = KIND_TAG[kind].decode("ascii")
     for c in columns:
         if kinds[c] != kind:
             continue
-        for value in frame[c].dropna():
-            out.add(encode_item(kind, str(value)))
-    return sorted(out)
+        column = frame[c].dropna()
+        for start in range(0, len(column), _ENCODE_CHUNK):  # bounded temporaries
+            values = [str(v) for v in column.iloc[start : start + _ENCODE_CHUNK].tolist()]
+            text = "\x00".join(values)
+            if text.count("\x00") == len(values) - 1:
+                out.update(dict.fromkeys((tag + text.replace("\x00", "\x00" + tag))
+                                         .encode("utf-8").split(b"\x00")))
+            else:
+                out.update(dict.fromkeys(encode_item(kind, v) for v in values))
+    return list(out)
 
 
 def _isnan(value: object) -> bool:

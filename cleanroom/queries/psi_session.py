@@ -34,7 +34,7 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,7 @@ def shutdown_pool() -> None:
         _pool = None
 
 
-def _submit(pool: ProcessPoolExecutor | None, step: Step) -> Future[Any]:
+def _submit(pool: Executor | None, step: Step) -> Future[Any]:
     job = step.job
     assert job is not None
     if pool is None:
@@ -207,11 +207,13 @@ def run_requester(
     *,
     check_alive: Callable[[], None] = lambda: None,
     streaming: Streaming = Streaming(),
-    pool: ProcessPoolExecutor | bool | None = True,
+    pool: Executor | bool | None = True,
 ) -> RequesterResult:
     """Run ``role`` to completion over ``channel``; return its result.
 
-    ``pool=True`` uses :func:`worker_pool`; ``None``/``False`` runs the jobs inline.
+    ``pool=True`` uses :func:`worker_pool`; ``None``/``False`` runs the jobs inline; any
+    other :class:`~concurrent.futures.Executor` runs them there (the jobs are pure, so a
+    thread pool gives the same results, which tests use).
     """
     workers = worker_pool() if pool is True else (pool or None)
     reply = channel.exchange(role.start(), round="hello")
@@ -265,14 +267,16 @@ class PsiSessionResponder:
     """A :class:`~cleanroom.queries.runners.SessionResponder` over a :class:`PsiResponder`:
     the first message is the plain HELLO, every later one a batch of REQUESTs.
 
-    Right after the HELLO it starts blinding its own buckets in the pool (the own half of
-    each answer needs nothing from the requester), in bucket order, at most
+    Right after the HELLO it returns the ACK and, in a background thread, partitions its
+    own items (while the requester partitions its own) and starts blinding its own buckets
+    in the pool (the own half of each answer needs nothing from the requester); the next
+    message waits for that thread. Own buckets go in bucket order, at most
     ``lookahead`` buckets ahead of the requests received and at most one job per worker
     at a time (so a batch's re-blinding jobs never queue behind many own jobs). A
     REQUEST whose own half is ready costs one re-blinding job.
     """
 
-    def __init__(self, role: PsiResponder, *, pool: ProcessPoolExecutor | bool | None = True,
+    def __init__(self, role: PsiResponder, *, pool: Executor | bool | None = True,
                  lookahead: int = OWN_LOOKAHEAD) -> None:
         self.role = role
         self.role.start()
@@ -285,6 +289,8 @@ class PsiSessionResponder:
         self._in_flight = 0
         self._next_own = 0
         self._seen = 0
+        self._prep: threading.Thread | None = None
+        self._prep_error: BaseException | None = None
 
     # own halves ahead of the requests
 
@@ -353,10 +359,31 @@ class PsiSessionResponder:
             self.role.fail(exc)
         self.role.provide_own(bucket, output)
 
+    def _prepare(self) -> None:
+        try:
+            self.role.prepare_buckets()
+            self._top_up()
+        except BaseException as exc:  # handed to the next handle() call
+            self._prep_error = exc
+
+    def _join_prep(self) -> None:
+        if self._prep is not None:
+            self._prep.join()
+            self._prep = None
+        if self._prep_error is not None:
+            exc, self._prep_error = self._prep_error, None
+            raise exc
+
     def handle(self, message: bytes) -> bytes:
+        self._join_prep()
         if self.role.state is State.IDLE:
             ack = self.role.handle(message) or b""
-            self._top_up()
+            if self._pool is not None:
+                # The ACK goes out now; the own partition and the first own jobs start
+                # while the requester partitions its items (the next handle() joins).
+                self._prep = threading.Thread(target=self._prepare, name="psi-own-buckets",
+                                              daemon=True)
+                self._prep.start()
             return ack
         if self.role.state is State.ERROR:
             raise RemoteProtocolError("the session already failed", status_hint=409)

@@ -20,7 +20,9 @@ Two ways to drive it:
   :class:`RemoteProtocolError`, pass it to ``role.fail(exc)``. The responder's own half
   of a bucket can run ahead of its REQUEST: ``job = role.own_job(bucket)``, then
   ``role.provide_own(bucket, job.run())``; the REQUEST's step then carries only the
-  re-blinding of the requester's points (:class:`ReblindJob`).
+  re-blinding of the requester's points (:class:`ReblindJob`). The responder's HELLO_ACK
+  does not wait for its partition: :meth:`PsiResponder.prepare_buckets` runs it (lazily,
+  or early from a driver that wants it to overlap with the requester's).
 
 Steps for different buckets may complete in any order; a bucket is accepted once.
 Role objects are not thread-safe: one thread drives one object. Items are the normalised
@@ -34,6 +36,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
+
+import numpy as np
 
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.psi import ecdh
@@ -247,7 +251,10 @@ class _Role(ABC):
 
 
 def _check_items(items: Sequence[bytes]) -> list[bytes]:
-    out = list(items)
+    """``items`` as a list of bytes (the caller's list itself, not a copy: it is only read)."""
+    out = items if isinstance(items, list) else list(items)
+    if set(map(type, out)) <= {bytes}:  # the usual case, checked without a Python loop
+        return out
     for i, item in enumerate(out):
         if not isinstance(item, bytes):
             raise LocalProtocolError(f"item {i} is {type(item).__name__}, expected bytes")
@@ -316,9 +323,23 @@ class PsiRequester(_Role):
         self._scalar = scalar
         self._nonce = nonce
         self._dst = ecdh.h2c_dst(sid)
-        self._positions: dict[bytes, list[int]] = {}
-        for i, item in enumerate(_check_items(items)):
-            self._positions.setdefault(item, []).append(i)
+        checked = _check_items(items)
+        # Distinct items in first-seen order. In intersection mode the result needs every
+        # input position of a matched item: without repeats that is the item's index in
+        # the distinct list, kept per bucket as an int64 array (8 bytes per item); with
+        # repeats, a dict item -> positions.
+        distinct = dict.fromkeys(checked)
+        self._positions: dict[bytes, list[int]] | None = None
+        if len(distinct) == len(checked):
+            self._distinct = checked
+        else:
+            self._distinct = list(distinct)
+            if self.mode is Mode.INTERSECTION:
+                self._positions = {}
+                for i, item in enumerate(checked):
+                    self._positions.setdefault(item, []).append(i)
+        del distinct
+        self._bucket_pos: list[np.ndarray] = []
         self._buckets: list[list[bytes]] = []
         self._label_len = 0
         self._requested: set[int] = set()
@@ -350,10 +371,11 @@ class PsiRequester(_Role):
                 self._remote("HELLO_ACK offers labels that were not asked for")
             self._label_len = msg.label_len
             key = ecdh.derive_bucket_key(self.session_id, self._nonce, msg.nonce)
-            unique = list(self._positions)
-            self._buckets = [
-                [unique[i] for i in idx] for idx in ecdh.partition(unique, key, self.bucket_count)
-            ]
+            groups = ecdh.partition_groups(self._distinct, key, self.bucket_count)
+            self._buckets = ecdh.partition_items(self._distinct, key, self.bucket_count, groups)
+            if self.mode is Mode.INTERSECTION and self._positions is None:
+                self._bucket_pos = groups
+            self._distinct = []  # the buckets hold the items now
             return Step(Event.RECV_HELLO_ACK, -1, None)
         if isinstance(msg, Response):
             self._move(Event.RECV_RESPONSE, remote=True)
@@ -422,14 +444,18 @@ class PsiRequester(_Role):
         if self.mode is Mode.INTERSECTION:
             items = self._buckets[b]
             ll = self._label_len
+            where = self._positions
+            pos = self._bucket_pos[b] if where is None else np.empty(0, dtype=np.int64)
             for own_pos, their_pos in output:
-                positions = self._positions[items[own_pos]]
+                positions = where[items[own_pos]] if where is not None else [int(pos[own_pos])]
                 self._matched.extend(positions)
                 if ll:
                     label = step.labels[their_pos * ll : (their_pos + 1) * ll]
                     for p in positions:
                         self._labels[p] = label
         self._buckets[b] = []  # bounded memory: the bucket is finished
+        if self._bucket_pos:
+            self._bucket_pos[b] = self._bucket_pos[b][:0]
         if len(self._done) == self.bucket_count:
             self._move(Event.LAST_BUCKET, remote=False)
         return None
@@ -532,6 +558,19 @@ class PsiResponder(_Role):
         self._their_sizes: list[int] = []
         self._own_started: set[int] = set()
         self._own: dict[int, tuple[bytes, list[int]]] = {}
+        self._bucket_key = b""
+
+    def prepare_buckets(self) -> None:
+        """Partition the own items into the session's buckets (once; needs the HELLO).
+
+        Every method that needs the buckets calls it; a driver may call it right after
+        sending the HELLO_ACK, so that the requester's partitioning and this one overlap.
+        """
+        if not self._bucket_key:
+            raise LocalProtocolError("buckets exist only after the HELLO")
+        if len(self._buckets) != self.bucket_count:
+            self._buckets = ecdh.partition_items(self._unique, self._bucket_key,
+                                                 self.bucket_count)
 
     def start(self) -> None:
         """The responder waits for HELLO; nothing to send."""
@@ -556,11 +595,8 @@ class PsiResponder(_Role):
             self._send_labels = msg.want_labels and self._label_len > 0
             self._dst = ecdh.h2c_dst(msg.session_id)
             self._their_sizes = [0] * msg.bucket_count
-            key = ecdh.derive_bucket_key(msg.session_id, msg.nonce, self._nonce)
-            self._buckets = [
-                [self._unique[i] for i in idx]
-                for idx in ecdh.partition(self._unique, key, msg.bucket_count)
-            ]
+            self._bucket_key = ecdh.derive_bucket_key(msg.session_id, msg.nonce, self._nonce)
+            self._buckets = []  # partitioned by prepare_buckets(), after the ACK is out
             ack = HelloAck(
                 msg.session_id, msg.mode, msg.suite,
                 self._label_len if self._send_labels else 0, msg.bucket_count, self._nonce,
@@ -580,6 +616,7 @@ class PsiResponder(_Role):
             self._accepted.add(b)
             self._their_sizes[b] = msg.count
             shuffle = self.mode is Mode.CARDINALITY
+            self.prepare_buckets()
             job: AnswerJob | ReblindJob
             if b in self._own:
                 job = ReblindJob(b, self._scalar, msg.points, shuffle_peer=shuffle)
@@ -631,6 +668,7 @@ class PsiResponder(_Role):
             raise LocalProtocolError(f"bucket {bucket} outside 0..{self.bucket_count - 1}")
         if bucket in self._own_started or bucket in self._accepted:
             raise LocalProtocolError(f"bucket {bucket} already has its own half")
+        self.prepare_buckets()
         self._own_started.add(bucket)
         return OwnJob(bucket, self._scalar, self._dst, tuple(self._buckets[bucket]))
 
