@@ -221,3 +221,31 @@ def test_malformed_config_gives_clear_error(tmp_path: Path) -> None:
     result = run_node_cli("node", "start", "--dir", str(node.dir), timeout=60)
     assert result.returncode != 0
     assert "not valid TOML" in result.stderr and "line" in result.stderr
+
+
+def test_direct_routes_keep_the_guard_rules(three_nodes: dict[str, RunningNode]) -> None:
+    """The real-time endpoints skip FastAPI but not the guard: access rules, request ids,
+    JSON errors; only peer paths can be direct."""
+    from cleanroom.node.app import DirectRoute
+
+    oem, media = three_nodes["oem"], three_nodes["media"]
+    path = "/v1/peer/anonq/tables/no_such_table/eval"
+    with media.operator_client() as op, pytest.raises(PeerCallError) as refused:
+        op.exchange(path, b"x")
+    assert refused.value.status == 403 and "not operators" in str(refused.value)
+    with media.client_from(oem) as client:
+        with pytest.raises(PeerCallError) as missing:
+            client.exchange(path, b"x", request_id="rid-direct-0001")
+        assert missing.value.status == 404 and "no_such_table" in str(missing.value)
+        # the other methods of that path are not direct: FastAPI answers them
+        reply = client.request("GET", path, ok={404, 405})
+        assert reply.status_code in (404, 405)
+        assert reply.headers["X-Request-ID"]
+
+    async def endpoint(*_args: object) -> None:  # pragma: no cover - never called
+        return None
+
+    with pytest.raises(ValueError, match="only peer endpoints"):
+        DirectRoute("POST", "/v1/queries/{id}", endpoint, 10).pattern()  # type: ignore[arg-type]
+    pattern = DirectRoute("POST", "/v1/peer/x/{name}/y", endpoint, 10).pattern()  # type: ignore[arg-type]
+    assert pattern.fullmatch("/v1/peer/x/t1/y") and not pattern.fullmatch("/v1/peer/x/a/b/y")
