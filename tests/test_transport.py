@@ -16,7 +16,8 @@ from cleanroom.transport import PeerCallError, PeerClient
 
 
 class _ClosingServer:
-    """Accepts TCP connections and closes them at once, counting them."""
+    """Accepts TCP connections and hands each to ``serve`` (default: close it at once),
+    counting them."""
 
     def __init__(self) -> None:
         self.sock = socket.socket()
@@ -34,7 +35,10 @@ class _ClosingServer:
             except OSError:
                 return
             self.count += 1
-            conn.close()
+            self.serve(conn)
+
+    def serve(self, conn: socket.socket) -> None:
+        conn.close()
 
     def close(self) -> None:
         self.sock.close()
@@ -124,47 +128,32 @@ def test_streaming_both_ways_and_response_limit(three_nodes: dict[str, RunningNo
             pass
 
 
-class _OneShotTlsServer:
-    """A TLS server that answers one small POST per connection and then closes it (as a
-    server does with an idle keep-alive connection), counting connections."""
+class _OneShotTlsServer(_ClosingServer):
+    """A TLS server that answers one small POST per connection (its body reversed) and
+    then closes it, as a server does with an idle keep-alive connection."""
 
     def __init__(self, identity: NodeIdentity) -> None:
         import ssl
 
         self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ssl.load_cert_chain(str(identity.cert_path), str(identity.key_path))
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.count = 0
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__()
 
-    def _run(self) -> None:
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            self.count += 1
-            try:
-                with self.ssl.wrap_socket(raw, server_side=True) as conn:
-                    data = b""
-                    while b"\r\n\r\n" not in data:
-                        data += conn.recv(4096)
-                    head, body = data.split(b"\r\n\r\n", 1)
-                    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length:"))
-                    while len(body) < length:
-                        body += conn.recv(4096)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                                 % (len(body), body[::-1]))
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
+    def serve(self, raw: socket.socket) -> None:
+        try:
+            with self.ssl.wrap_socket(raw, server_side=True) as conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                while len(body) < length:
+                    body += conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body[::-1]))
+        except OSError:
+            pass
 
 
 def test_exchange_reuses_connections_and_reconnects_once_when_the_idle_one_was_closed(

@@ -48,7 +48,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -60,7 +60,7 @@ from starlette.concurrency import run_in_threadpool
 from cleanroom.anonq import QUERY_HEADER, guard, tables
 from cleanroom.errors import CleanroomError, InputError
 from cleanroom.ledger import Event, digest
-from cleanroom.node.app import DirectRoute
+from cleanroom.node.app import DirectRoute, error_body
 from cleanroom.node.config import PeerConfig
 from cleanroom.node.context import NodeContext
 from cleanroom.node.deps import (
@@ -249,8 +249,7 @@ async def on_shutdown(ctx: NodeContext) -> None:
 
 def _error(request: Request, status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     rid = request.scope.get(REQUEST_ID_KEY, "")
-    body = {"error": {"code": code, "message": message, "request_id": rid, **extra}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(error_body(status, code, message, rid, **extra), status_code=status)
 
 
 def _refused(request: Request, exc: guard.Refused) -> JSONResponse:
@@ -548,6 +547,36 @@ def routers(ctx: NodeContext) -> list[APIRouter]:
     return [peer_router, operator]
 
 
+_Request = TypeVar("_Request", EvalRequest, BucketRequest)
+
+
+async def _open_request(st: _State, request: Request, caller: PeerConfig, name: str,
+                        kind: type[_Request], endpoint: str, capture: str, round_name: str,
+                        *, charge: bool, policy: Policy | None = None
+                        ) -> tuple[tables.ServingSource, bytes, str, _Request] | Response:
+    """The common start of the real-time endpoints: admit the caller (policy, rate), read
+    and capture the body, decode it as ``kind``; a refusal or a malformed message is the
+    reply to send (a malformed one recorded as a failed session)."""
+    try:
+        src = _admit(st, caller, name, charge=charge, policy=policy)
+    except guard.Refused as exc:
+        return _refused(request, exc)
+    body = await request.body()
+    st.capture(capture, body)
+    qid = guard.query_label(request.headers.get(QUERY_HEADER))
+    limit = EVAL_BODY_LIMIT if kind is EvalRequest else BUCKET_BODY_LIMIT
+    try:
+        msg = decode(body, max_bytes=limit)
+        if not isinstance(msg, kind):
+            raise RemoteProtocolError(
+                f"{type(msg).__name__} sent to the {endpoint} endpoint", status_hint=409)
+    except RemoteProtocolError as exc:
+        await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
+                             round_name, body)
+        return _protocol(request, exc)
+    return src, body, qid, msg
+
+
 def direct_routes(ctx: NodeContext) -> list[DirectRoute]:
     """The two real-time hot paths, served by the node's guard without FastAPI routing
     (:class:`cleanroom.node.app.DirectRoute`): a lookup is two small requests."""
@@ -555,22 +584,11 @@ def direct_routes(ctx: NodeContext) -> list[DirectRoute]:
     async def evaluate(request: Request, caller: PeerConfig, name: str) -> Response:
         st = state_of(ctx)
         policy = guard.node_policy(ctx)
-        try:
-            src = _admit(st, caller, name, charge=True, policy=policy)
-        except guard.Refused as exc:
-            return _refused(request, exc)
-        body = await request.body()
-        st.capture("eval", body)
-        qid = guard.query_label(request.headers.get(QUERY_HEADER))
-        try:
-            msg = decode(body, max_bytes=EVAL_BODY_LIMIT)
-            if not isinstance(msg, EvalRequest):
-                raise RemoteProtocolError(
-                    f"{type(msg).__name__} sent to the evaluation endpoint", status_hint=409)
-        except RemoteProtocolError as exc:
-            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
-                                 "eval_request", body)
-            return _protocol(request, exc)
+        opened = await _open_request(st, request, caller, name, EvalRequest, "evaluation",
+                                     "eval", "eval_request", charge=True, policy=policy)
+        if isinstance(opened, Response):
+            return opened
+        src, body, qid, msg = opened
         label = guard.session_label(msg.session_id)
         role = AnonymousQueryOwner(src, querier_id=caller.name, session_id=msg.session_id,
                                    budget=_budget(st, caller, src, policy),
@@ -619,22 +637,11 @@ def direct_routes(ctx: NodeContext) -> list[DirectRoute]:
 
     async def buckets(request: Request, caller: PeerConfig, name: str) -> Response:
         st = state_of(ctx)
-        try:
-            _admit(st, caller, name, charge=False)
-        except guard.Refused as exc:
-            return _refused(request, exc)
-        body = await request.body()
-        st.capture("buckets", body)
-        qid = guard.query_label(request.headers.get(QUERY_HEADER))
-        try:
-            msg = decode(body, max_bytes=BUCKET_BODY_LIMIT)
-            if not isinstance(msg, BucketRequest):
-                raise RemoteProtocolError(
-                    f"{type(msg).__name__} sent to the bucket endpoint", status_hint=409)
-        except RemoteProtocolError as exc:
-            await _record_failed(st, qid, guard.session_label(os.urandom(16)), caller.name,
-                                 "bucket_request", body)
-            return _protocol(request, exc)
+        opened = await _open_request(st, request, caller, name, BucketRequest, "bucket",
+                                     "buckets", "bucket_request", charge=False)
+        if isinstance(opened, Response):
+            return opened
+        _src, body, qid, msg = opened
         session = st.take_session(caller.name, msg.session_id)
         if session is None or session.table != name:
             return _protocol(request, RemoteProtocolError(
