@@ -7,8 +7,9 @@ timeouts, retries idempotent calls a bounded number of times, puts a request id 
 call (kept across retries), streams large bodies in both directions and enforces size
 limits. Every failure is a :class:`PeerCallError` naming the peer, the call and the
 request id. :meth:`PeerClient.exchange` is the hot path for many small POSTs (real-time
-lookups): the same pinning, limits and errors over one keep-alive connection of the
-standard library's ``http.client``, which costs a fraction of httpx's per-call overhead.
+lookups): the same pinning, limits and errors over keep-alive connections that send a
+request as one write and parse the reply by hand (:class:`_Connection`), a fraction of
+httpx's (and ``http.client``'s) per-call cost.
 
 This module moves bytes and JSON; it must not log or inspect payloads, and it knows
 nothing about the node's database or configuration files (callers pass paths and PEMs;
@@ -18,14 +19,14 @@ nothing about the node's database or configuration files (callers pass paths and
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json as jsonlib
+import socket
 import ssl
 import threading
 import time
 import uuid
 from collections.abc import Container, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -131,7 +132,9 @@ class PeerClient:
             headers=headers,
             follow_redirects=False,
         )
-        self._idle: list[http.client.HTTPSConnection] = []  # keep-alive, for exchange()
+        self._idle: list[_Connection] = []  # keep-alive, for exchange()
+        url = urlsplit(self.base_url)
+        self._host_header = url.netloc
         self._idle_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -310,97 +313,94 @@ class PeerClient:
     ) -> bytes:
         """POST a small ``body`` and return the response body (2xx), for hot paths.
 
-        Keep-alive connections of ``http.client`` (one per concurrent call, reused after),
-        the pinned certificate checked at connect, the request and response size limits of
-        :meth:`request`. The call is not idempotent, so it is never retried, except once on
-        a fresh connection when a reused keep-alive connection turns out to be closed
-        before any reply (the server never read the request). Raises
+        Keep-alive connections (:class:`_Connection`: one per concurrent call, reused
+        after), the pinned certificate checked at connect, the request and response size
+        limits of :meth:`request`. The call is not idempotent, so it is never retried,
+        except once on a fresh connection when a reused keep-alive connection turns out to
+        be closed before any reply (the server never read the request). Raises
         :class:`PeerCallError` like :meth:`request`.
         """
         rid = request_id or new_request_id()
         if len(body) > self.max_request_bytes:
             raise self._error("POST", path, f"request body of {len(body)} bytes exceeds the "
                               f"limit of {self.max_request_bytes} bytes", rid)
-        all_headers = {**self._headers, REQUEST_ID_HEADER: rid, **(headers or {}),
-                       "Content-Length": str(len(body))}
+        lines = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}",
+                 *(f"{k}: {v}" for k, v in {**self._headers, REQUEST_ID_HEADER: rid,
+                                             **(headers or {})}.items()),
+                 f"Content-Length: {len(body)}", "", ""]
+        head = "\r\n".join(lines).encode("latin-1")
         for attempt in (0, 1):
             conn, reused = self._checkout(path, rid)
             try:
-                conn.request("POST", path, body=body, headers=all_headers)
-                response = conn.getresponse()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                conn.send(head, body)
+                status, keep = conn.read_head()
+            except _Closed as exc:
                 conn.close()
                 if reused and attempt == 0:
                     continue
-                raise self._error("POST", path, "the connection was closed by the peer: "
-                                  f"{exc or type(exc).__name__}", rid) from None
-            except (OSError, http.client.HTTPException) as exc:
+                raise self._error("POST", path, f"the connection was closed by the peer: {exc}",
+                                  rid) from None
+            except (OSError, _BadReply) as exc:
                 conn.close()
                 reason = ("timed out" if isinstance(exc, TimeoutError)
                           else str(exc) or type(exc).__name__)
                 raise self._error("POST", path, reason, rid) from None
             try:
-                data = self._read_fast(response, path, rid)
-            except PeerCallError:
+                data = conn.read_body(self.max_response_bytes)
+            except _TooLarge:
                 conn.close()
-                raise
-            if response.will_close:
+                raise self._error("POST", path, f"response exceeds the limit of "
+                                  f"{self.max_response_bytes} bytes", rid) from None
+            except (OSError, _BadReply, _Closed) as exc:
                 conn.close()
-            else:
+                raise self._error("POST", path, f"reading the reply failed: {exc}",
+                                  rid) from None
+            if keep:
                 self._checkin(conn)
+            else:
+                conn.close()
             break
-        if 200 <= response.status < 300:
+        if 200 <= status < 300:
             return data
         detail = _error_message(data) if len(data) <= 65536 else ""
-        raise self._error("POST", path, f"HTTP {response.status}"
-                          + (f": {detail}" if detail else ""), rid, response.status)
+        raise self._error("POST", path, f"HTTP {status}" + (f": {detail}" if detail else ""),
+                          rid, status)
 
-    def _checkout(self, path: str, rid: str) -> tuple[http.client.HTTPSConnection, bool]:
+    def _checkout(self, path: str, rid: str) -> tuple[_Connection, bool]:
         with self._idle_lock:
             if self._idle:
                 return self._idle.pop(), True
         url = urlsplit(self.base_url)
-        conn = http.client.HTTPSConnection(url.hostname or "", url.port or 443,
-                                           timeout=self._connect_timeout, context=self._ssl)
         try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            raw = socket.create_connection((url.hostname or "", url.port or 443),
+                                           timeout=self._connect_timeout)
+        except OSError as exc:
+            raise self._error("POST", path, f"cannot connect to {self.base_url}: "
+                              f"{exc or type(exc).__name__}", rid) from None
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = self._ssl.wrap_socket(raw, server_hostname=url.hostname)
+        except OSError as exc:
+            raw.close()
             text = str(exc) or type(exc).__name__
             if "CERTIFICATE_VERIFY_FAILED" in text:
                 text = "TLS: the server's certificate is not the pinned one"
             raise self._error("POST", path, f"cannot connect to {self.base_url}: {text}",
                               rid) from None
-        sock = conn.sock
-        der = sock.getpeercert(True) if isinstance(sock, ssl.SSLSocket) else None
+        der = sock.getpeercert(True)
         if der is None or hashlib.sha256(der).hexdigest() != self.fingerprint:
-            conn.close()
+            sock.close()
             raise self._error("POST", path, "the server's certificate is not the pinned one",
                               rid)
         sock.settimeout(self._timeout)
-        return conn, False
+        return _Connection(sock), False
 
-    def _checkin(self, conn: http.client.HTTPSConnection) -> None:
+    def _checkin(self, conn: _Connection) -> None:
         with self._idle_lock:
             if len(self._idle) < MAX_IDLE_CONNECTIONS:
                 self._idle.append(conn)
                 return
         conn.close()
-
-    def _read_fast(self, response: http.client.HTTPResponse, path: str, rid: str) -> bytes:
-        length = response.getheader("content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_response_bytes:
-            raise self._error("POST", path, f"response exceeds the limit of "
-                              f"{self.max_response_bytes} bytes", rid)
-        try:
-            data = response.read(self.max_response_bytes + 1)
-        except (OSError, http.client.HTTPException) as exc:
-            raise self._error("POST", path, f"reading the reply failed: {exc}", rid) from None
-        if len(data) > self.max_response_bytes:
-            raise self._error("POST", path, f"response exceeds the limit of "
-                              f"{self.max_response_bytes} bytes", rid)
-        return data
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -504,3 +504,151 @@ def _describe(exc: httpx.HTTPError, base_url: str) -> str:
             f"probably not pinned this node's certificate): {text}"
         )
     return text
+
+
+# --- the keep-alive connection of PeerClient.exchange ------------------------------------------
+
+_MAX_HEAD = 65536
+
+
+class _Closed(Exception):
+    """The peer closed the connection before a complete reply."""
+
+
+class _BadReply(Exception):
+    """The reply is not HTTP/1.1 this client can read."""
+
+
+class _TooLarge(Exception):
+    """The reply body exceeds the caller's limit."""
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection over TLS: a request leaves as one ``sendall``;
+    the reply's status line and headers are parsed by hand (``Content-Length`` or
+    chunked bodies, ``Connection: close``). Not thread-safe: one caller at a time (the
+    pool in :class:`PeerClient` hands each connection to one call)."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+        self._length: int | None = None
+        self._chunked = False
+
+    def close(self) -> None:
+        with suppress(OSError):
+            self._sock.close()
+
+    def send(self, head: bytes, body: bytes) -> None:
+        try:
+            self._sock.sendall(head + body)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError,
+                ssl.SSLZeroReturnError) as exc:
+            raise _Closed(str(exc) or type(exc).__name__) from None
+
+    def _fill(self) -> None:
+        try:
+            chunk = self._sock.recv(262144)
+        except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+            raise _Closed(str(exc) or type(exc).__name__) from None
+        if not chunk:
+            raise _Closed("end of stream")
+        self._buf += chunk
+
+    def read_head(self) -> tuple[int, bool]:
+        """Status code and whether the connection stays open after this reply."""
+        while (end := self._buf.find(b"\r\n\r\n")) < 0:
+            if len(self._buf) > _MAX_HEAD:
+                raise _BadReply("reply headers too large")
+            self._fill()
+        if end > _MAX_HEAD:
+            raise _BadReply("reply headers too large")
+        head = bytes(self._buf[:end]).decode("latin-1")
+        del self._buf[:end + 4]
+        status_line, *lines = head.split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not (
+                parts[1].isdigit() and len(parts[1]) == 3):
+            raise _BadReply(f"malformed status line {status_line[:80]!r}")
+        keep = parts[0] == "HTTP/1.1"
+        self._length, self._chunked = None, False
+        for line in lines:
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise _BadReply("malformed reply header")
+            name, value = name.strip().lower(), value.strip()
+            if name == "content-length":
+                if not value.isdigit():
+                    raise _BadReply("malformed Content-Length")
+                self._length = int(value)
+            elif name == "transfer-encoding":
+                self._chunked = value.lower() == "chunked"
+            elif name == "connection":
+                tokens = {t.strip().lower() for t in value.split(",")}
+                keep = "close" not in tokens and (keep or "keep-alive" in tokens)
+        if self._length is None and not self._chunked:
+            keep = False  # the body runs to the end of the stream
+        return int(parts[1]), keep
+
+    def _take(self, n: int) -> bytes:
+        have = len(self._buf)
+        if have >= n:
+            with memoryview(self._buf) as view:
+                data = bytes(view[:n])
+            del self._buf[:n]
+            return data
+        out = bytearray(n)  # straight into the result, no intermediate buffer
+        out[:have] = self._buf
+        self._buf.clear()
+        with memoryview(out) as view:
+            while have < n:
+                try:
+                    got = self._sock.recv_into(view[have:])
+                except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                    raise _Closed(str(exc) or type(exc).__name__) from None
+                if not got:
+                    raise _Closed("end of stream")
+                have += got
+        return bytes(out)
+
+    def _line(self) -> bytes:
+        while (eol := self._buf.find(b"\r\n")) < 0:
+            if len(self._buf) > 4096:
+                raise _BadReply("malformed chunked body")
+            self._fill()
+        line = bytes(self._buf[:eol])
+        del self._buf[:eol + 2]
+        return line
+
+    def read_body(self, limit: int) -> bytes:
+        if self._length is not None and not self._chunked:
+            if self._length > limit:
+                raise _TooLarge
+            return self._take(self._length)
+        if self._chunked:
+            out = bytearray()
+            while True:
+                size_line = self._line()
+                try:
+                    size = int(size_line.split(b";", 1)[0].strip(), 16)
+                except ValueError:
+                    raise _BadReply("malformed chunk size") from None
+                if size == 0:
+                    while self._line():  # trailers up to the empty line
+                        pass
+                    return bytes(out)
+                if len(out) + size > limit:
+                    raise _TooLarge
+                out += self._take(size)
+                if self._take(2) != b"\r\n":
+                    raise _BadReply("malformed chunk")
+        out = bytearray(self._buf)  # no length: read to the end of the stream
+        self._buf.clear()
+        while len(out) <= limit:
+            try:
+                self._fill()
+            except _Closed:
+                return bytes(out)
+            out += self._buf
+            self._buf.clear()
+        raise _TooLarge

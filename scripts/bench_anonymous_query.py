@@ -22,6 +22,10 @@ Named sections, selectable with ``--sections`` (default: every in-process sectio
   ``--client-processes`` processes), the Little's-law check (concurrency = throughput x
   mean latency), and batch-mode leads/s (table download once, then evaluation sessions of
   ``--batch`` leads with blinding/unblinding in ``--processes`` worker processes).
+  Also, at the highest concurrency, the *transport floor*: the same load generator sending
+  a lookup's two POSTs (same sizes) to a bare uvloop TLS server that returns fixed replies
+  with no cryptography, ledger or framework, so ours / floor says how much of the gap to a
+  throughput target the Python TLS and HTTP stack alone accounts for (``--no-floor`` skips).
 
 Usage: ``python scripts/bench_anonymous_query.py [--keys 100000] [--sections build,batch]``;
 ``python scripts/bench_anonymous_query.py --sections tls --tls-keys 1000000 --workdir DIR``.
@@ -36,6 +40,7 @@ import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,11 +285,70 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+@dataclass(frozen=True)
+class Floor:
+    """The bare TLS server's port and the sizes of a real lookup's two requests and replies."""
+
+    port: int
+    eval_request: int
+    eval_reply: int
+    bucket_request: int
+    bucket_reply: int
+
+
+def _floor_server(cert: str, key: str, trust_pem: bytes, port: int, eval_reply: int,
+                  bucket_reply: int, ready: Any) -> None:
+    """The transport floor: the node's server stack minus the node (uvloop, TLS 1.3 with
+    client certificates), answering ``/eval`` and ``/buckets`` POSTs with fixed replies of a
+    real lookup's sizes, parsing no more HTTP than that takes. No cryptography, no ledger,
+    no framework: what is left is the cost of moving the bytes."""
+    import asyncio
+    import ssl
+
+    import uvloop
+
+    sslctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sslctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    sslctx.load_cert_chain(cert, key)
+    sslctx.verify_mode = ssl.CERT_REQUIRED
+    sslctx.load_verify_locations(cadata=trust_pem.decode("ascii"))
+    replies = {name: b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+               b"content-length: %d\r\n\r\n" % size + os.urandom(size)
+               for name, size in ((b"/eval", eval_reply), (b"/buckets", bucket_reply))}
+
+    class Echo(asyncio.Protocol):
+        def connection_made(self, transport: Any) -> None:
+            self.transport = transport
+            self.buf = bytearray()
+
+        def data_received(self, data: bytes) -> None:
+            self.buf += data
+            while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+                head = bytes(self.buf[:end]).lower()
+                at = head.index(b"content-length:") + 15
+                length = int(head[at:head.find(b"\r\n", at) if b"\r\n" in head[at:] else None])
+                if len(self.buf) < end + 4 + length:
+                    return
+                del self.buf[:end + 4 + length]
+                self.transport.write(replies[head.split(b" ", 2)[1]])
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Echo, "127.0.0.1", port,
+                                                                ssl=sslctx)
+        ready.set()
+        async with server:
+            await server.serve_forever()
+
+    uvloop.run(main())
+
+
 def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: float,
-                min_anon: int, seed: int) -> tuple[list[float], float, int]:
+                min_anon: int, seed: int, floor: Floor | None = None
+                ) -> tuple[list[float], float, int]:
     """One load-generator process: ``threads`` closed-loop clients; latencies in s, and
     this process's CPU seconds per finished lookup and the number of finished lookups
-    (whole run, warm-up included)."""
+    (whole run, warm-up included). With ``floor``, a "lookup" is the same two POSTs of the
+    same sizes to the bare TLS server of :func:`_floor_server`, with no cryptography."""
     import random
     import threading
 
@@ -292,6 +356,25 @@ def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: f
     from cleanroom.node.context import NodeContext
 
     ctx = NodeContext.open(Path(oem_dir), init_database=False)
+
+    def one_lookup(pc: Any, rnd: random.Random) -> None:
+        if floor is None:
+            got = lookup_realtime(ctx, "media", TLS_TABLE, [_tls_item(rnd.randrange(keys))],
+                                  min_anonymity=min_anon, client=pc)
+            assert len(got) == 1
+        else:
+            assert len(pc.exchange("/eval", b"e" * floor.eval_request)) == floor.eval_reply
+            assert len(pc.exchange("/buckets", b"b" * floor.bucket_request)) == floor.bucket_reply
+
+    def connect() -> Any:
+        if floor is None:
+            return ctx.peer_client("media", retries=0)
+        from cleanroom.transport import PeerClient
+
+        return PeerClient(peer_name="floor", base_url=f"https://127.0.0.1:{floor.port}",
+                          peer_cert_pem=ctx.peer("media").cert_pem,
+                          own_cert_path=ctx.identity.cert_path,
+                          own_key_path=ctx.identity.key_path, retries=0)
     out: list[float] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -301,15 +384,13 @@ def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: f
     def client(k: int) -> None:
         rnd = random.Random(seed * 1000 + k)
         mine: list[float] = []
-        with ctx.peer_client("media", retries=0) as pc:
+        with connect() as pc:
             while True:
                 t0 = time.perf_counter()
                 if t0 - start > warmup + seconds:
                     break
-                got = lookup_realtime(ctx, "media", TLS_TABLE, [_tls_item(rnd.randrange(keys))],
-                                      min_anonymity=min_anon, client=pc)
+                one_lookup(pc, rnd)
                 t1 = time.perf_counter()
-                assert len(got) == 1
                 if t0 - start >= warmup and t1 - start <= warmup + seconds:
                     mine.append(t1 - t0)
                 with lock:
@@ -323,6 +404,86 @@ def _tls_worker(oem_dir: str, keys: int, threads: int, seconds: float, warmup: f
     for w in workers:
         w.join()
     return out, (time.process_time() - cpu0) / max(1, done[0]), done[0]
+
+
+def _load_level(args: argparse.Namespace, mp: Any, oem_dir: Path, conc: int, server_pid: int,
+                min_anon: int, tag: str, floor: Floor | None = None) -> float:
+    """``conc`` closed-loop clients against the server for ``--tls-seconds``: prints
+    lookups/s, latency, the Little's-law check and CPU per lookup; returns lookups/s."""
+    procs = max(1, min(args.client_processes, conc))
+    per = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
+    with ProcessPoolExecutor(procs, mp_context=mp) as pool:
+        list(pool.map(_tls_batch_chunk, [[b"x"]] * procs))  # workers up before timing
+        cpu0, w0 = _cpu_seconds(server_pid), time.perf_counter()
+        futs = [pool.submit(_tls_worker, str(oem_dir), args.tls_keys, n, args.tls_seconds,
+                            args.tls_warmup, min_anon, i, floor)
+                for i, n in enumerate(per)]
+        results = [f.result() for f in futs]
+        server_cpu = _cpu_seconds(server_pid) - cpu0
+        wall = time.perf_counter() - w0
+        lat = sorted(x for r in results for x in r[0])
+        client_cpu = statistics.fmean(r[1] for r in results)
+    if not lat:
+        print(f"[{tag}] {conc:>2} clients: no lookup finished in the window")
+        return 0.0
+    rate = len(lat) / args.tls_seconds
+    mean = statistics.fmean(lat)
+    p50 = statistics.median(lat) * 1e3
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
+    print(f"[{tag}] {conc:>2} clients ({procs} processes): {rate:,.0f} lookups/s, "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean {mean * 1e3:.1f} ms; "
+          f"Little: throughput x mean latency = {rate * mean:.1f} (concurrency {conc})")
+    total = max(1, sum(r[2] for r in results))
+    cores = os.cpu_count() or 1
+    print(f"[{tag}] {conc:>2} clients: CPU per lookup: server {server_cpu / total * 1e3:.2f} ms "
+          f"(busy {server_cpu / wall:.0%} of one core), load generator "
+          f"{client_cpu * 1e3:.2f} ms; {cores} cores shared cap at about "
+          f"{cores / (server_cpu / total + client_cpu):,.0f} lookups/s")
+    return rate
+
+
+def _floor(args: argparse.Namespace, mp: Any, ctx: Any, media_dir: Path, oem_dir: Path,
+           conc: int, min_anon: int) -> float:
+    """The transport floor at ``conc`` clients: one real lookup's request and reply sizes,
+    then the same load generator against :func:`_floor_server` instead of the node."""
+    import socket
+
+    from cleanroom.anonq.client import lookup_realtime
+    from cleanroom.node.context import NodeContext
+
+    sizes: list[tuple[int, int]] = []
+    with ctx.peer_client("media", retries=0) as pc:
+        real = pc.exchange
+
+        def measured(path: str, body: bytes, **kw: Any) -> bytes:
+            reply = real(path, body, **kw)
+            sizes.append((len(body), len(reply)))
+            return reply
+
+        pc.exchange = measured
+        lookup_realtime(ctx, "media", TLS_TABLE, [_tls_item(0)], min_anonymity=min_anon,
+                        client=pc)
+    (eq, er), (bq, br) = sizes
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    media = NodeContext.open(media_dir, init_database=False).identity
+    ready = mp.Event()
+    server = mp.Process(target=_floor_server, daemon=True,
+                        args=(str(media.cert_path), str(media.key_path), ctx.identity.cert_pem,
+                              port, er, br, ready))
+    server.start()
+    try:
+        if not ready.wait(60):
+            print("[floor] the bare TLS server did not start")
+            return 0.0
+        print(f"[floor] a lookup's two POSTs: {eq} B -> {er} B and {bq} B -> {br:,} B, "
+              f"against a bare uvloop TLS server (no cryptography, ledger or framework)")
+        return _load_level(args, mp, oem_dir, conc, server.pid or -1, min_anon, "floor",
+                           Floor(port, eq, er, bq, br))
+    finally:
+        server.terminate()
+        server.join(10)
 
 
 def _tls_batch_chunk(ids: list[bytes]) -> int:
@@ -349,37 +510,17 @@ def section_tls(args: argparse.Namespace, state: dict[str, object]) -> None:
         print(f"[tls] table: {info['entry_count']:,} keys, {info['bucket_count']:,} buckets "
               f"(min size {info['min_bucket_size']}), label {info['label_size']} B")
         mp = multiprocessing.get_context("spawn")
-        for conc in [int(c) for c in args.clients.split(",") if c]:
-            procs = max(1, min(args.client_processes, conc))
-            per = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
-            node_pid = media.proc.pid if media.proc is not None else -1
-            with ProcessPoolExecutor(procs, mp_context=mp) as pool:
-                list(pool.map(_tls_batch_chunk, [[b"x"]] * procs))  # workers up before timing
-                cpu0, w0 = _cpu_seconds(node_pid), time.perf_counter()
-                futs = [pool.submit(_tls_worker, str(oem_dir), args.tls_keys, n,
-                                    args.tls_seconds, args.tls_warmup, min_anon, i)
-                        for i, n in enumerate(per)]
-                results = [f.result() for f in futs]
-                node_cpu = _cpu_seconds(node_pid) - cpu0
-                wall = time.perf_counter() - w0
-                lat = sorted(x for r in results for x in r[0])
-                client_cpu = statistics.fmean(r[1] for r in results)
-            if not lat:
-                print(f"[tls] {conc:>2} clients: no lookup finished in the window")
-                continue
-            rate = len(lat) / args.tls_seconds
-            mean = statistics.fmean(lat)
-            p50 = statistics.median(lat) * 1e3
-            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3
-            print(f"[tls] {conc:>2} clients ({procs} processes): {rate:,.0f} lookups/s, "
-                  f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, mean {mean * 1e3:.1f} ms; "
-                  f"Little: throughput x mean latency = {rate * mean:.1f} "
-                  f"(concurrency {conc})")
-            total = max(1, sum(r[2] for r in results))
-            print(f"[tls] {conc:>2} clients: CPU per lookup: node {node_cpu / total * 1e3:.2f} ms "
-                  f"(node busy {node_cpu / wall:.0%} of one core), load generator "
-                  f"{client_cpu * 1e3:.2f} ms; {os.cpu_count()} cores shared cap at about "
-                  f"{(os.cpu_count() or 1) / (node_cpu / total + client_cpu):,.0f} lookups/s")
+        node_pid = media.proc.pid if media.proc is not None else -1
+        levels = [int(c) for c in args.clients.split(",") if c]
+        ours = {conc: _load_level(args, mp, oem_dir, conc, node_pid, min_anon, "tls")
+                for conc in levels}
+        top = max(levels, default=0)
+        if top and args.floor:
+            floor_rate = _floor(args, mp, ctx, media.dir, oem_dir, top, min_anon)
+            if floor_rate and ours.get(top):
+                print(f"[tls] {top:>2} clients: ours {ours[top]:,.0f} lookups/s = "
+                      f"{ours[top] / floor_rate:.2f} of the transport floor "
+                      f"({floor_rate:,.0f}/s)")
         n = args.tls_batch_leads
         leads = [_tls_item((i * 7919) % args.tls_keys) for i in range(n)]
         t = time.perf_counter()
@@ -442,6 +583,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tls-seconds", type=float, default=10.0, help="tls: window per level")
     p.add_argument("--tls-warmup", type=float, default=2.0, help="tls: warm-up per level")
     p.add_argument("--tls-batch-leads", type=int, default=100_000, help="tls: batch leads")
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="tls: skip the transport floor (bare TLS server) measurement")
     args = p.parse_args(argv)
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = [s for s in names if s not in SECTIONS]

@@ -13,7 +13,7 @@ from nacl.bindings import crypto_scalarmult
 
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.labeled_psi import oprf
-from protocols.psi import h2c
+from protocols.psi import ecdh, h2c
 
 
 def test_blind_evaluate_unblind_equals_direct_evaluation() -> None:
@@ -125,3 +125,25 @@ def test_evaluate_rejects_bad_points() -> None:
         oprf.evaluate(key, bytes(32))  # u = 0: small order
     with pytest.raises(RemoteProtocolError):
         oprf.evaluate(key, b"\xff" * 32)  # non-canonical
+
+
+_P25519 = 2**255 - 19
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 9, 64])  # the per-point and the numpy paths
+@pytest.mark.parametrize("bad", [
+    pytest.param((_P25519).to_bytes(32, "little"), id="u = p"),
+    pytest.param((_P25519 + 5).to_bytes(32, "little"), id="u > p"),
+    pytest.param(b"\x00" * 31 + b"\x80", id="high bit"),
+    pytest.param(b"\x01" * 31 + b"\xff", id="high bit and large"),
+])
+def test_check_points_rejects_non_canonical_encodings_at_any_position(
+        count: int, bad: bytes) -> None:
+    good = [(_P25519 - 1 - i).to_bytes(32, "little") for i in range(count)]  # largest valid
+    ecdh.check_points(b"".join(good))
+    for position in {0, count // 2, count - 1}:
+        points = [*good[:position], bad, *good[position + 1:]]
+        with pytest.raises(RemoteProtocolError, match="non-canonical"):
+            ecdh.check_points(b"".join(points))
+    with pytest.raises(RemoteProtocolError, match="multiple of 32"):
+        ecdh.check_points(b"".join(good) + b"\x00")

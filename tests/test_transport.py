@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -132,11 +132,14 @@ class _OneShotTlsServer(_ClosingServer):
     """A TLS server that answers one small POST per connection (its body reversed) and
     then closes it, as a server does with an idle keep-alive connection."""
 
-    def __init__(self, identity: NodeIdentity) -> None:
+    def __init__(self, identity: NodeIdentity,
+                 reply: Callable[[bytes], bytes] | None = None) -> None:
         import ssl
 
         self.ssl = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ssl.load_cert_chain(str(identity.cert_path), str(identity.key_path))
+        self.reply = reply or (lambda body: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                               % (len(body), body[::-1]))
         super().__init__()
 
     def serve(self, raw: socket.socket) -> None:
@@ -150,8 +153,7 @@ class _OneShotTlsServer(_ClosingServer):
                               if line.lower().startswith(b"content-length:"))
                 while len(body) < length:
                     body += conn.recv(4096)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body[::-1]))
+                conn.sendall(self.reply(body))
         except OSError:
             pass
 
@@ -167,6 +169,55 @@ def test_exchange_reuses_connections_and_reconnects_once_when_the_idle_one_was_c
             # reused connection dead before any reply and sends once more on a fresh one
             assert client.exchange("/v1/peer/x", b"hello") == b"olleh"
             assert server.count == 2
+    finally:
+        server.close()
+
+
+_REPLIES: dict[str, tuple[bytes, bytes | str]] = {
+    # raw reply -> the body exchange() returns, or the error it raises
+    "chunked, with an extension and a trailer": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;x=1\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: 1\r\n\r\n", b"abcde"),
+    "no length: the body runs to the end of the stream": (
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end", b"to the end"),
+    "HTTP/1.0 with a length": (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok"),
+    "malformed status line": (b"HTTP/1.1 2x0 OK\r\n\r\n", "malformed status line"),
+    "not HTTP": (b"SSH-2.0-OpenSSH\r\n\r\n", "malformed status line"),
+    "malformed Content-Length": (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                                 "malformed Content-Length"),
+    "header line without a colon": (b"HTTP/1.1 200 OK\r\nbroken\r\n\r\n",
+                                    "malformed reply header"),
+    "truncated body": (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+                       "reading the reply failed"),
+    "malformed chunk size": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                             b"zz\r\n", "malformed chunk size"),
+    "chunks above the limit": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                               b"20\r\n" + b"x" * 32 + b"\r\n0\r\n\r\n",
+                               "response exceeds the limit of 16 bytes"),
+    "unframed body above the limit": (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 40,
+                                      "response exceeds the limit of 16 bytes"),
+    "error status with a JSON message": (
+        b'HTTP/1.1 409 Conflict\r\nContent-Length: 37\r\n\r\n'
+        b'{"error": {"message": "wrong round"}}', "HTTP 409: wrong round"),
+}
+
+
+@pytest.mark.parametrize("case", list(_REPLIES))
+def test_exchange_reads_every_reply_framing_or_names_what_is_wrong(
+        identity: NodeIdentity, case: str) -> None:
+    raw, expected = _REPLIES[case]
+    server = _OneShotTlsServer(identity, reply=lambda _body: raw)
+    try:
+        with _client(identity, f"https://127.0.0.1:{server.port}",
+                     max_response_bytes=16 if "limit" in case else 1 << 20) as client:
+            if isinstance(expected, bytes):
+                assert client.exchange("/v1/peer/x", b"q") == expected
+            else:
+                with pytest.raises(PeerCallError, match=expected) as info:
+                    client.exchange("/v1/peer/x", b"q")
+                assert info.value.request_id and info.value.request_id in str(info.value)
+                if info.value.status is None:  # a connection in an unknown state
+                    assert client._idle == []  # is not reused
     finally:
         server.close()
 

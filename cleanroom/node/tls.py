@@ -34,6 +34,7 @@ from cleanroom.node.context import NodeContext
 FINGERPRINT_KEY = "cleanroom.client_fingerprint"
 log = logging.getLogger("cleanroom.node")
 _TLS13 = 0x0304
+COALESCE_BYTES = 65536
 
 
 def server_ssl_context(ctx: NodeContext) -> ssl.SSLContext:
@@ -100,9 +101,67 @@ class ClientCertH11Protocol(H11Protocol):
         self.app = _with_client_cert(transport, self.app)
 
 
+class CoalescingTransport:
+    """A transport whose writes of one event-loop turn leave as one ``write``.
+
+    uvicorn writes a response's status line and headers, then its body, as two calls; on a
+    TLS transport each call is a TLS record and a ``send`` syscall of its own. Writes are
+    joined here and handed to the real transport at the end of the turn (``call_soon``),
+    or at once when they reach ``COALESCE_BYTES`` (so a large body meets flow control as
+    before) and before a close or ``write_eof``.
+    Everything else is the wrapped transport's.
+    """
+
+    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._inner = inner
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        if not self._pending:
+            self._loop.call_soon(self.flush)
+        self._pending.append(bytes(data))
+        self._size += len(data)
+        if self._size >= COALESCE_BYTES:  # large writes go now, so flow control sees them
+            self.flush()
+
+    def writelines(self, lines: Iterable[bytes | bytearray | memoryview]) -> None:
+        for data in lines:
+            self.write(data)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending, self._size = [], 0
+        if not self._inner.is_closing():
+            self._inner.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._inner.close()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._inner.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._inner.get_write_buffer_size() + self._size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class ClientCertHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol (C parser), plus the client certificate per request."""
+    """uvicorn's httptools protocol (C parser), plus the client certificate per request, and
+    a response's header and body writes joined into one TLS write
+    (:class:`CoalescingTransport`)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(
+            CoalescingTransport(transport, asyncio.get_running_loop())  # type: ignore[arg-type]
+        )
         self.app = _with_client_cert(transport, self.app)

@@ -231,7 +231,7 @@ def _fail(reason: str, status: int = 400) -> RemoteProtocolError:
     return RemoteProtocolError(f"malformed anonymous-query message: {reason}", status_hint=status)
 
 
-def _points(body: bytes, offset: int, what: str) -> bytes:
+def _points(body: memoryview, offset: int, what: str) -> bytes:
     if len(body) < offset + 4:
         raise _fail(f"truncated {what} body")
     count = int.from_bytes(body[offset : offset + 4], "big")
@@ -240,14 +240,15 @@ def _points(body: bytes, offset: int, what: str) -> bytes:
     if len(body) != offset + 4 + count * POINT_BYTES:
         raise _fail(f"{what} announces {count} points but carries "
                     f"{len(body) - offset - 4} bytes")
-    return body[offset + 4 :]
+    return bytes(body[offset + 4 :])
 
 
 def decode(data: bytes, *, max_bytes: int = MAX_BLOB_BYTES) -> Message:
     """Parse one message; RemoteProtocolError on anything not well formed."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise _fail("message is not bytes")
-    data = bytes(data)
+    if not isinstance(data, bytes):
+        data = bytes(data)
     if len(data) > max_bytes:
         raise _fail(f"message of {len(data)} bytes exceeds {max_bytes}", 413)
     if len(data) < HEADER.size:
@@ -271,7 +272,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_BLOB_BYTES) -> Message:
         raise _fail("header bucket field must be 0xFFFFFFFF")
     if body_len != len(data) - HEADER.size:
         raise _fail(f"body length {body_len} but {len(data) - HEADER.size} bytes follow")
-    body = data[HEADER.size :]
+    body = memoryview(data)[HEADER.size :]  # slices below copy only what they keep
     if mtype is MsgType.EVAL_REQUEST:
         if len(body) < _EVAL_REQ.size:
             raise _fail("truncated EVAL_REQUEST body")
@@ -329,7 +330,7 @@ def decode(data: bytes, *, max_bytes: int = MAX_BLOB_BYTES) -> Message:
             n = int.from_bytes(body[pos : pos + 4], "big")
             if len(body) < pos + 4 + n:
                 raise _fail("truncated bucket blob")
-            blobs.append(body[pos + 4 : pos + 4 + n])
+            blobs.append(bytes(body[pos + 4 : pos + 4 + n]))
             pos += 4 + n
         if pos != len(body):
             raise _fail("trailing bytes after the last bucket")
@@ -343,4 +344,4 @@ def decode(data: bytes, *, max_bytes: int = MAX_BLOB_BYTES) -> Message:
         return TableRequest(sid, tid, have)
     if not body:
         raise _fail("empty TABLE_RESPONSE")
-    return TableResponse(sid, body)
+    return TableResponse(sid, bytes(body))

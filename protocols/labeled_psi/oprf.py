@@ -37,6 +37,7 @@ functions that take it (only curve points, tags and ciphertexts are returned).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import struct
@@ -187,6 +188,13 @@ class TagDeriver:
         return [self.derive(bytes(mv[i : i + 32])) for i in range(0, len(outputs), 32)]
 
 
+@functools.lru_cache(maxsize=64)
+def tag_deriver(table_id: bytes) -> TagDeriver:
+    """The :class:`TagDeriver` of ``table_id``, built once (its HMAC pads cost more than a
+    one-identifier lookup's derivation); it is immutable, so threads may share it."""
+    return TagDeriver(table_id)
+
+
 # --- labels ----------------------------------------------------------------------------
 
 
@@ -252,7 +260,7 @@ def build_chunk_job(
     if len(identifiers) != len(labels):
         raise LocalProtocolError("identifiers and labels differ in length")
     outputs = oprf_direct(key, identifiers)
-    deriver = TagDeriver(table_id)
+    deriver = tag_deriver(table_id)
     derive = deriver.derive
     ver = _VERSION.pack(version)
     nonce = _nonce(version)
@@ -287,4 +295,4 @@ def unblind_derive_job(
     s: bytes, table_id: bytes, evaluated: bytes
 ) -> list[tuple[bytes, bytes]]:
     """Querier: ``(tag, label key)`` for every evaluated point."""
-    return TagDeriver(table_id).derive_many(unblind(s, evaluated))
+    return tag_deriver(table_id).derive_many(unblind(s, evaluated))

@@ -93,7 +93,8 @@ def bucket_of(tag: bytes, bucket_count: int) -> int:
 
 def _prefix(tags: np.ndarray, start: int) -> np.ndarray:
     """Big-endian uint64 of bytes ``start..start+8`` of every row (as native uint64)."""
-    return np.ascontiguousarray(tags[:, start : start + 8]).view(_U64).ravel().astype(np.uint64)
+    # A strided big-endian view of the 8 columns, converted in one copy.
+    return tags[:, start : start + 8].view(_U64).reshape(-1).astype(np.uint64)
 
 
 def _buckets_of(hi: np.ndarray, bucket_count: int) -> np.ndarray:
@@ -109,10 +110,13 @@ def _sorted_rows(rows: np.ndarray) -> np.ndarray:
     return rows[order]
 
 
-def _strictly_ascending(tags: np.ndarray) -> bool:
+def _strictly_ascending(tags: np.ndarray, hi: np.ndarray | None = None) -> bool:
+    """Whether the 16-byte tags of ``tags`` ascend strictly (``hi``: their first 8 bytes as
+    :func:`_prefix` gives them, if the caller has it already)."""
     if len(tags) < 2:
         return True
-    hi, lo = _prefix(tags, 0), _prefix(tags, 8)
+    hi = _prefix(tags, 0) if hi is None else hi
+    lo = _prefix(tags, 8)
     up = (hi[1:] > hi[:-1]) | ((hi[1:] == hi[:-1]) & (lo[1:] > lo[:-1]))
     return bool(up.all())
 
@@ -211,8 +215,9 @@ def _rows_from(data: bytes, offset: int, count: int, rsize: int) -> np.ndarray:
     )
 
 
-def _check_rows(rows: np.ndarray, low_version: int, high_version: int, what: str) -> None:
-    if not _strictly_ascending(rows):
+def _check_rows(rows: np.ndarray, low_version: int, high_version: int, what: str,
+                hi: np.ndarray | None = None) -> None:
+    if not _strictly_ascending(rows, hi):
         raise _fail(f"{what} are not strictly ascending by tag")
     if len(rows):
         versions = np.ascontiguousarray(rows[:, TAG:_VER_END]).view(_U32).ravel()
@@ -233,9 +238,11 @@ class _Rows:
     label_size: int
     rows: np.ndarray
 
-    def _init_rows(self, rows: np.ndarray) -> None:
+    def _init_rows(self, rows: np.ndarray, hi: np.ndarray | None = None) -> None:
         self.rows = rows
-        self.hi = _prefix(rows, 0) if len(rows) else np.zeros(0, dtype=np.uint64)
+        if hi is None:
+            hi = _prefix(rows, 0) if len(rows) else np.zeros(0, dtype=np.uint64)
+        self.hi = hi
 
     @property
     def row_size(self) -> int:
@@ -378,6 +385,7 @@ class Bucket(_Rows):
         entry_count: int,
         bucket_id: int,
         rows: np.ndarray,
+        hi: np.ndarray | None = None,
     ) -> None:
         self.table_id = table_id
         self.version = version
@@ -386,7 +394,7 @@ class Bucket(_Rows):
         self.label_size = label_size
         self.entry_count = entry_count
         self.bucket_id = bucket_id
-        self._init_rows(rows)
+        self._init_rows(rows, hi)
 
     def to_bytes(self) -> bytes:
         head = _Header(Kind.BUCKET, self.table_id, self.version, self.bucket_id,
@@ -402,13 +410,15 @@ class Bucket(_Rows):
         rsize = row_size(h.label_size)
         if len(data) != HEADER.size + h.count_a * rsize:
             raise _fail("BUCKET length does not match its row count")
-        rows = _rows_from(bytes(data), HEADER.size, h.count_a, rsize)
-        _check_rows(rows, 0, h.version, "BUCKET rows")
-        if len(rows) and bool((_buckets_of(_prefix(rows, 0), h.bucket_count) != h.aux).any()):
+        rows = _rows_from(data if isinstance(data, bytes) else bytes(data), HEADER.size,
+                          h.count_a, rsize)
+        hi = _prefix(rows, 0)
+        _check_rows(rows, 0, h.version, "BUCKET rows", hi)
+        if len(rows) and bool((_buckets_of(hi, h.bucket_count) != h.aux).any()):
             raise _fail(f"BUCKET {h.aux} holds rows of another bucket")
         return cls(table_id=h.table_id, version=h.version, bucket_count=h.bucket_count,
                    min_bucket_size=h.min_bucket_size, label_size=h.label_size,
-                   entry_count=h.entry_count, bucket_id=h.aux, rows=rows)
+                   entry_count=h.entry_count, bucket_id=h.aux, rows=rows, hi=hi)
 
 
 @dataclass(frozen=True, eq=False)

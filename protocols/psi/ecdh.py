@@ -173,7 +173,9 @@ def encrypt_items(scalar: bytes, dst: bytes, items: Sequence[bytes]) -> bytes:
     return scalarmult_packed(scalar, h2c.encode_many(items, dst))
 
 
-_P_BYTES = (2**255 - 19).to_bytes(32, "little")
+_P = 2**255 - 19
+_P_BYTES = _P.to_bytes(32, "little")
+_SMALL_CHECK = 8 * POINT_BYTES
 
 
 def check_points(points: bytes) -> None:
@@ -181,6 +183,13 @@ def check_points(points: bytes) -> None:
     if len(points) % POINT_BYTES:
         raise RemoteProtocolError("point list length is not a multiple of 32 bytes")
     if not points:
+        return
+    if len(points) <= _SMALL_CHECK:  # a few points (real-time lookups): numpy costs more
+        for i in range(0, len(points), POINT_BYTES):
+            if points[i + 31] & 0x80:
+                raise RemoteProtocolError("non-canonical point encoding (high bit set)")
+            if int.from_bytes(points[i : i + POINT_BYTES], "little") >= _P:
+                raise RemoteProtocolError("non-canonical point encoding (u >= p)")
         return
     arr = np.frombuffer(points, dtype=np.uint8).reshape(-1, POINT_BYTES)
     if bool((arr[:, 31] & 0x80).any()):
