@@ -313,6 +313,9 @@ def find_raw_looking(value: object) -> list[tuple[str, str]]:
 # --- canonical JSON -----------------------------------------------------------------------
 
 
+_FLAT: Final = frozenset({str, int, bool})
+
+
 def canonical_json(obj: Mapping[str, Any]) -> bytes:
     """Encode ``obj`` canonically (see the module docstring). Refuses floats and ``None``."""
 
@@ -333,7 +336,10 @@ def canonical_json(obj: Mapping[str, Any]) -> bytes:
             return
         raise EntrySchemaError(f"{path}: {type(v).__name__} is not allowed in canonical JSON")
 
-    check(obj, "$")
+    # Most entries are flat objects of strings and integers: checked without building a
+    # path per value; anything else takes the walk that names where it went wrong.
+    if not all(type(k) is str and type(v) in _FLAT for k, v in obj.items()):
+        check(obj, "$")
     return json.dumps(
         obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     ).encode("utf-8")
@@ -370,6 +376,18 @@ def now_ms() -> int:
 # --- validation ---------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)
+def _name_problem(value: str) -> str | None:
+    """What is wrong with an id or name field's value, else None (cached: peers, protocols,
+    rounds and query ids repeat from entry to entry)."""
+    if not _NAME_RE.fullmatch(value):
+        return "1-128 characters of A-Z a-z 0-9 . _ : / - required"
+    kind = _raw_kind_uncached(value)
+    if kind is not None:
+        return f"value looks like raw data ({kind}); ledger entries hold ids only"
+    return None
+
+
 def _check_value(event_type: str, name: str, spec: FieldSpec, value: object) -> None:
     def fail(msg: str) -> None:
         raise EntrySchemaError(msg, event_type=event_type, field=name)
@@ -383,11 +401,10 @@ def _check_value(event_type: str, name: str, spec: FieldSpec, value: object) -> 
             if value not in spec.choices:
                 fail(f"value is not one of {', '.join(spec.choices)}")
             return
-        if not _NAME_RE.fullmatch(value):
-            fail(f"not a valid {t.value}: 1-128 characters of A-Z a-z 0-9 . _ : / - required")
-        raw = find_raw_looking(value)
-        if raw:
-            fail(f"value looks like raw data ({raw[0][0]}); ledger entries hold ids only")
+        problem = _name_problem(value)
+        if problem is not None:
+            fail(problem if problem.startswith("value looks") else f"not a valid {t.value}: "
+                 f"{problem}")
     elif t is FieldType.NAME_LIST:
         if not isinstance(value, list | tuple) or not 1 <= len(value) <= 64:
             fail("expected a list of 1 to 64 names")
