@@ -560,3 +560,30 @@ def test_state_table_is_documented() -> None:
     assert md.count("\n") == len(TRANSITIONS) + 1
     doc = (Path(__file__).parents[1] / "docs/protocols/anonymous-query.md").read_text("utf-8")
     assert md in doc
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_find_per_tag_and_vectorised_agree(data: st.DataObject) -> None:
+    """Row lookup takes a per-tag path for a few tags and a numpy path for many; both give
+    the same rows, including tags that share a 64-bit prefix with a stored one."""
+    from protocols.labeled_psi import table as t
+
+    n = data.draw(st.integers(0, 40))
+    prefixes = data.draw(st.lists(st.binary(min_size=8, max_size=8), min_size=1, max_size=6))
+    raw = [data.draw(st.sampled_from(prefixes)) + data.draw(st.binary(min_size=8, max_size=8))
+           for _ in range(n)]
+    stored = sorted(set(raw))
+    rows = np.zeros((len(stored), t.row_size(8)), dtype=np.uint8)
+    for i, tag in enumerate(stored):
+        rows[i, :16] = np.frombuffer(tag, dtype=np.uint8)
+    hi = t._prefix(rows, 0) if len(rows) else np.zeros(0, dtype=np.uint64)
+    asked = data.draw(st.lists(
+        st.one_of(st.sampled_from(stored) if stored else st.nothing(),
+                  st.builds(lambda p, s: p + s, st.sampled_from(prefixes),
+                            st.binary(min_size=8, max_size=8))),
+        max_size=2 * t._FEW_TAGS))
+    expected = [stored.index(a) if a in stored else -1 for a in asked]
+    assert t._find(rows, hi, asked).tolist() == expected  # per tag when few
+    padded = asked + [bytes(16)] * (t._FEW_TAGS + 1)  # enough tags for the numpy path
+    assert t._find(rows, hi, padded).tolist()[: len(asked)] == expected
