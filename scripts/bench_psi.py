@@ -21,7 +21,9 @@ For each n (``--sizes``, default 10^4,10^5,10^6; ``--large`` adds 10^7), in one 
    (no PSI worker busy yet), the PSI phase and a tail, with the share of the cores the two
    nodes used during the PSI phase and the share used by anything (other jobs). Peak
    memory: VmHWM (what ``ru_maxrss`` reports) of each node process and its largest
-   worker, reset before the query so the dataset upload does not count.
+   worker, reset before the query so the dataset upload does not count, and the node's
+   growth over its resident size before the query per element (``B/item``; at small n it
+   is mostly the fixed cost of a node's first query: modules, threads, the worker pool).
 3. **openmined-psi** in this process on the same sets: server setup (GCS, fpr 1e-9),
    client request, server response, client intersection size.
 
@@ -360,13 +362,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"{ph['busy']:.0%} by the two nodes, {ph['machine']:.0%} by anything")
                 print(f"  {'node':<6} {'node CPU s':>10} {'workers CPU s':>13} {'total':>7} "
                       f"{'mults CPU':>9} {'h2c CPU':>8} {'rest':>7} {'total/mults':>11} "
-                      f"{'MiB node before/peak, worker peak':>34}")
+                      f"{'MiB node before/peak, worker peak':>34} {'B/item':>6}")
                 for name, (own, workers) in run.cpu.items():
                     total = own + workers
                     pk, before = run.peak_mib[name], run.base_mib[name]
                     print(f"  {name:<6} {own:>10.2f} {workers:>13.2f} {total:>7.2f} "
                           f"{mult:>9.2f} {h2c_s:>8.2f} {total - mult - h2c_s:>7.2f} "
-                          f"{total / mult:>11.2f} {before:>15.0f}/{pk[0]:<6.0f} {pk[1]:>11.0f}")
+                          f"{total / mult:>11.2f} {before:>15.0f}/{pk[0]:<6.0f} {pk[1]:>11.0f} "
+                          f"{(pk[0] - before) * 2**20 / n:>6.0f}")
                 summary.append(f"{n:>10} {run.seconds:>9.2f} {bound:>9.2f} "
                                f"{bound / run.seconds:>10.2f} {om:>12} {ratio_om:>8}")
                 print(f"  ours {run.seconds:.2f} s, bound {bound:.2f} s: bound/ours "

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ from test_queries_support import (
 )
 
 from cleanroom.node.datasets import load_dataset
-from cleanroom.queries.match import kind_items
+from cleanroom.queries.match import CompactOrigins, kind_items
 from cleanroom.queries.psi_session import encode_batch
 from cleanroom.queries.runners import protocol_session_id
 from cleanroom.transport import PeerCallError
@@ -325,13 +326,29 @@ def test_hostile_messages_get_4xx_and_the_transcript_holds_no_identifier(
        b=st.lists(st.one_of(st.none(), st.text(max_size=8)), max_size=30))
 def test_kind_items_are_the_distinct_encoded_values(a: list[str | None],
                                                     b: list[str | None]) -> None:
-    """The bulk encoding (one join, one split) gives exactly the per-value items, once
-    each, also for values holding NUL or non-ASCII characters; columns of another kind
-    are left out."""
+    """The packed items (Arrow buffers, kind tag as prefix) are exactly the per-value
+    items in column then row order, repeats kept (the PSI role removes them per bucket),
+    also for values holding NUL or non-ASCII characters; columns of another kind are left
+    out. The same from a pandas frame and from an Arrow table."""
     n = max(len(a), len(b))
     frame = pd.DataFrame({"p1": a + [None] * (n - len(a)), "p2": b + [None] * (n - len(b)),
                           "e": ["x@y"] * n})
     kinds: dict[str, Any] = {"p1": "phone", "p2": "phone", "e": "email"}
-    got = kind_items(frame, ["p1", "p2", "e"], kinds, "phone")
-    want = {encode_item("phone", str(v)) for v in a + b if v is not None}
-    assert len(got) == len(set(got)) and set(got) == want
+    want = [encode_item("phone", v) for col in (a, b) for v in col if v is not None]
+    for data in (frame, pa.Table.from_pandas(frame)):
+        got = kind_items(data, ["p1", "p2", "e"], kinds, "phone")
+        assert list(got) == want
+        assert [got[i] for i in range(len(got))] == want
+
+
+@settings(max_examples=50, deadline=None)
+@given(origins=st.lists(st.one_of(st.none(), st.tuples(st.integers(0, 2**40),
+                                                       st.sampled_from(["phone", "email",
+                                                                        "device_id"]))),
+                        max_size=30))
+def test_compact_origins_read_back_as_given(origins: list[Any]) -> None:
+    """The requester's origins in two arrays give back every (row, kind) and every dummy."""
+    compact = CompactOrigins(origins)
+    assert len(compact) == len(origins)
+    assert [compact[i] for i in range(len(origins))] == origins
+    assert compact[1:4] == origins[1:4]

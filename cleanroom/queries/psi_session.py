@@ -34,12 +34,13 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, InvalidStateError, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from protocols.errors import RemoteProtocolError
 from protocols.psi import Mode, PsiRequester, PsiResponder, RequesterResult, Step
+from protocols.psi.items import PackedItems, count_distinct
 from protocols.psi.messages import HEADER
 from protocols.psi.states import State
 
@@ -190,14 +191,17 @@ class Streaming:
 
 
 def new_requester(
-    items: Sequence[bytes],
+    items: Sequence[bytes] | PackedItems,
     *,
     mode: Mode,
     session_id: bytes,
     want_labels: bool = False,
     streaming: Streaming = Streaming(),
 ) -> PsiRequester:
-    return PsiRequester(items, mode=mode, bucket_count=streaming.bucket_count(len(set(items))),
+    """A requester over ``items`` with buckets sized by its distinct-item count
+    (:func:`~protocols.psi.items.count_distinct`: 8 bytes per item, no set of items)."""
+    return PsiRequester(items, mode=mode,
+                        bucket_count=streaming.bucket_count(count_distinct(items)),
                         session_id=session_id, want_labels=want_labels)
 
 
@@ -324,12 +328,15 @@ class PsiSessionResponder:
     def _landed(self, inner: Future[Any], *, target: Future[Any]) -> None:
         with self._lock:
             self._in_flight -= 1
-        if inner.cancelled():
-            target.cancel()
-        elif (exc := inner.exception()) is not None:
-            target.set_exception(exc)
-        else:
-            target.set_result(inner.result())
+        try:
+            if inner.cancelled():
+                target.cancel()
+            elif (exc := inner.exception()) is not None:
+                target.set_exception(exc)
+            else:
+                target.set_result(inner.result())
+        except InvalidStateError:  # cancelled meanwhile: the session failed or ended
+            pass
         self._launch()
 
     def _cancel_own(self) -> None:

@@ -32,6 +32,7 @@ from nacl.exceptions import RuntimeError as NaclRuntimeError
 
 from protocols.errors import RemoteProtocolError
 from protocols.psi import h2c
+from protocols.psi.items import as_packed, chunks
 
 POINT_BYTES = 32
 SCALAR_BYTES = 32
@@ -59,15 +60,23 @@ def derive_bucket_key(session_id: bytes, requester_nonce: bytes, responder_nonce
     return h.digest()[:32]
 
 
-_HASH_CHUNK = 1 << 16
+def _id_dtype(bucket_count: int) -> type[np.unsignedinteger]:
+    """The narrowest unsigned type holding ``0..bucket_count-1`` (2 bytes per item for the
+    usual <= 65536 buckets: the partition of 10^7 items needs 20 MB of ids, not 80)."""
+    if bucket_count <= 1 << 16:
+        return np.uint16
+    if bucket_count <= 1 << 32:
+        return np.uint32
+    return np.uint64
 
 
 def bucket_ids(items: Sequence[bytes], bucket_key: bytes, bucket_count: int) -> np.ndarray:
     """``BLAKE2b-64(key=bucket_key, x) mod bucket_count`` (little-endian) for every item.
 
-    One keyed BLAKE2b state is prepared once and copied per item (same digest as hashing
-    with the key each time, without re-absorbing the key block), 65536 items at a time so
-    the temporaries stay small; the reduction is numpy.
+    ``items`` is a list of ``bytes`` or :class:`~protocols.psi.items.PackedItems`. One
+    keyed BLAKE2b state is prepared once and copied per item (same digest as hashing with
+    the key each time, without re-absorbing the key block), 65536 items at a time so the
+    temporaries stay small; the reduction is numpy, into the narrowest unsigned type.
     """
     if bucket_count < 1:
         raise ValueError("bucket_count must be at least 1")
@@ -78,11 +87,12 @@ def bucket_ids(items: Sequence[bytes], bucket_key: bytes, bucket_count: int) -> 
         h.update(item)
         return h.digest()
 
-    out = np.empty(len(items), dtype=np.uint64)
+    out = np.empty(len(items), dtype=_id_dtype(bucket_count))
     count = np.uint64(bucket_count)
-    for start in range(0, len(items), _HASH_CHUNK):  # bounded temporaries
-        chunk = items[start : start + _HASH_CHUNK]
-        out[start : start + len(chunk)] = np.frombuffer(b"".join(map(one, chunk)), "<u8") % count
+    pos = 0
+    for chunk in chunks(items):  # bounded temporaries
+        out[pos : pos + len(chunk)] = np.frombuffer(b"".join(map(one, chunk)), "<u8") % count
+        pos += len(chunk)
     return out
 
 
@@ -97,11 +107,12 @@ def partition(items: Sequence[bytes], bucket_key: bytes, bucket_count: int) -> l
 
 def partition_groups(items: Sequence[bytes], bucket_key: bytes, bucket_count: int
                      ) -> list[np.ndarray]:
-    """:func:`partition` as int64 index arrays (no Python int per item)."""
+    """:func:`partition` as index arrays (no Python int per item): int32 when the items
+    fit, else int64; views into one array."""
     if bucket_count < 1:
         raise ValueError("bucket_count must be at least 1")
     if bucket_count == 1:
-        return [np.arange(len(items), dtype=np.int64)]
+        return [np.arange(len(items), dtype=_index_dtype(len(items)))]
     return _split(bucket_ids(items, bucket_key, bucket_count), bucket_count)
 
 
@@ -111,15 +122,20 @@ def partition_items(items: Sequence[bytes], bucket_key: bytes, bucket_count: int
     ``groups`` is :func:`partition_groups`' result if the caller already has it."""
     if groups is None:
         groups = partition_groups(items, bucket_key, bucket_count)
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return [arr[g].tolist() for g in groups]
+    packed = as_packed(items)
+    return [packed.take(g) for g in groups]
+
+
+def _index_dtype(n: int) -> type[np.signedinteger]:
+    return np.int32 if n < 2**31 else np.int64
 
 
 def _split(ids: np.ndarray, bucket_count: int) -> list[np.ndarray]:
     order = np.argsort(ids, kind="stable")  # stable: input order kept within a bucket
-    counts = np.bincount(ids.astype(np.int64), minlength=bucket_count)
-    return np.split(order, np.cumsum(counts)[:-1])
+    bounds = np.searchsorted(ids[order], np.arange(1, bucket_count, dtype=ids.dtype))
+    small = order.astype(_index_dtype(len(ids)))
+    del order
+    return np.split(small, bounds)
 
 
 _ffi: Any = None

@@ -26,7 +26,13 @@ Two ways to drive it:
 
 Steps for different buckets may complete in any order; a bucket is accepted once.
 Role objects are not thread-safe: one thread drives one object. Items are the normalised
-identifiers as bytes; they never appear in any message, only curve points do.
+identifiers as bytes (a list, or :class:`~protocols.psi.items.PackedItems`: one buffer, no
+Python object per item); they never appear in any message, only curve points do.
+
+Memory: a role keeps the caller's items as they are (a list is packed once) and, after the
+handshake, one int32 index per item (the partition). A bucket's items become ``bytes``
+only while its job is built, and repeats are removed per bucket then (equal items always
+share a bucket), so no set or dict of all items ever exists.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import numpy as np
 
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.psi import ecdh
+from protocols.psi.items import PackedItems, as_packed
 from protocols.psi.messages import (
     MAX_BUCKETS,
     MAX_LABEL_BYTES,
@@ -250,15 +257,28 @@ class _Role(ABC):
         """Apply the output of a step's job; return the reply, if any."""
 
 
-def _check_items(items: Sequence[bytes]) -> list[bytes]:
-    """``items`` as a list of bytes (the caller's list itself, not a copy: it is only read)."""
+def _check_items(items: Sequence[bytes] | PackedItems) -> PackedItems:
+    """``items`` packed (a :class:`PackedItems` is taken as it is, a list packed once)."""
+    if isinstance(items, PackedItems):
+        return items
     out = items if isinstance(items, list) else list(items)
-    if set(map(type, out)) <= {bytes}:  # the usual case, checked without a Python loop
-        return out
-    for i, item in enumerate(out):
-        if not isinstance(item, bytes):
-            raise LocalProtocolError(f"item {i} is {type(item).__name__}, expected bytes")
-    return out
+    if not set(map(type, out)) <= {bytes}:  # the usual case, checked without a Python loop
+        for i, item in enumerate(out):
+            if not isinstance(item, bytes):
+                raise LocalProtocolError(f"item {i} is {type(item).__name__}, expected bytes")
+    return as_packed(out)
+
+
+def _distinct(items: list[bytes]) -> tuple[list[bytes], np.ndarray | None]:
+    """A bucket's items without repeats (first-seen order) and, if there were repeats, the
+    distinct index of every input item (``None`` when all are distinct)."""
+    first = dict.fromkeys(items)
+    if len(first) == len(items):
+        return items, None
+    index: dict[bytes, int] = {}
+    inverse = np.fromiter((index.setdefault(x, len(index)) for x in items), dtype=np.int64,
+                          count=len(items))
+    return list(index), inverse
 
 
 # --- requester -------------------------------------------------------------------------
@@ -271,7 +291,7 @@ class PsiRequester(_Role):
 
     def __init__(
         self,
-        items: Sequence[bytes],
+        items: Sequence[bytes] | PackedItems,
         *,
         mode: Mode = Mode.INTERSECTION,
         bucket_count: int = 1,
@@ -284,7 +304,7 @@ class PsiRequester(_Role):
     @classmethod
     def _with_randomness(
         cls,
-        items: Sequence[bytes],
+        items: Sequence[bytes] | PackedItems,
         *,
         scalar: bytes,
         nonce: bytes,
@@ -300,7 +320,7 @@ class PsiRequester(_Role):
 
     def _init(
         self,
-        items: Sequence[bytes],
+        items: Sequence[bytes] | PackedItems,
         mode: Mode,
         bucket_count: int,
         session_id: bytes | None,
@@ -323,24 +343,14 @@ class PsiRequester(_Role):
         self._scalar = scalar
         self._nonce = nonce
         self._dst = ecdh.h2c_dst(sid)
-        checked = _check_items(items)
-        # Distinct items in first-seen order. In intersection mode the result needs every
-        # input position of a matched item: without repeats that is the item's index in
-        # the distinct list, kept per bucket as an int64 array (8 bytes per item); with
-        # repeats, a dict item -> positions.
-        distinct = dict.fromkeys(checked)
-        self._positions: dict[bytes, list[int]] | None = None
-        if len(distinct) == len(checked):
-            self._distinct = checked
-        else:
-            self._distinct = list(distinct)
-            if self.mode is Mode.INTERSECTION:
-                self._positions = {}
-                for i, item in enumerate(checked):
-                    self._positions.setdefault(item, []).append(i)
-        del distinct
-        self._bucket_pos: list[np.ndarray] = []
-        self._buckets: list[list[bytes]] = []
+        # The items as given; after the handshake, the input positions of each bucket's
+        # items (int32 per item). A bucket's distinct items exist as bytes only from its
+        # prepare_request() to the end of its job; in intersection mode the bucket keeps
+        # its positions (and, with repeats, each item's distinct index) until finished.
+        self._items: PackedItems | None = _check_items(items)
+        self._groups: list[np.ndarray] = []
+        self._sizes = [0] * bucket_count
+        self._inverse: dict[int, np.ndarray] = {}
         self._label_len = 0
         self._requested: set[int] = set()
         self._sent: set[int] = set()
@@ -371,11 +381,8 @@ class PsiRequester(_Role):
                 self._remote("HELLO_ACK offers labels that were not asked for")
             self._label_len = msg.label_len
             key = ecdh.derive_bucket_key(self.session_id, self._nonce, msg.nonce)
-            groups = ecdh.partition_groups(self._distinct, key, self.bucket_count)
-            self._buckets = ecdh.partition_items(self._distinct, key, self.bucket_count, groups)
-            if self.mode is Mode.INTERSECTION and self._positions is None:
-                self._bucket_pos = groups
-            self._distinct = []  # the buckets hold the items now
+            assert self._items is not None
+            self._groups = ecdh.partition_groups(self._items, key, self.bucket_count)
             return Step(Event.RECV_HELLO_ACK, -1, None)
         if isinstance(msg, Response):
             self._move(Event.RECV_RESPONSE, remote=True)
@@ -386,9 +393,9 @@ class PsiRequester(_Role):
                 self._remote(f"RESPONSE for bucket {b} that was not requested", 409)
             if b in self._responded:
                 self._remote(f"replayed RESPONSE for bucket {b}", 409)
-            if msg.peer_count != len(self._buckets[b]):
+            if msg.peer_count != self._sizes[b]:
                 self._remote(f"RESPONSE for bucket {b} re-blinds {msg.peer_count} points, "
-                             f"{len(self._buckets[b])} were sent")
+                             f"{self._sizes[b]} were sent")
             if msg.label_len != self._label_len:
                 self._remote("RESPONSE label length differs from the negotiated one")
             try:
@@ -410,7 +417,16 @@ class PsiRequester(_Role):
         if bucket in self._requested:
             raise LocalProtocolError(f"bucket {bucket} was already prepared")
         self._requested.add(bucket)
-        job = BlindJob(bucket, self._scalar, self._dst, tuple(self._buckets[bucket]))
+        assert self._items is not None
+        items, inverse = _distinct(self._items.take(self._groups[bucket]))
+        self._sizes[bucket] = len(items)
+        if inverse is not None:
+            self._inverse[bucket] = inverse
+        if self.mode is not Mode.INTERSECTION:
+            self._groups[bucket] = self._groups[bucket][:0]  # positions are not needed
+        if len(self._requested) == self.bucket_count:
+            self._items = None  # every bucket has its items: drop the input
+        job = BlindJob(bucket, self._scalar, self._dst, tuple(items))
         return Step(Event.SEND_REQUEST, bucket, job)
 
     def pending_buckets(self) -> list[int]:
@@ -430,7 +446,7 @@ class PsiRequester(_Role):
             raise LocalProtocolError(f"cannot complete a step in state {self._state.value}")
         b = step.bucket
         if step.event is Event.SEND_REQUEST:
-            if not isinstance(output, bytes) or len(output) != 32 * len(self._buckets[b]):
+            if not isinstance(output, bytes) or len(output) != 32 * self._sizes[b]:
                 raise LocalProtocolError("blind job output does not match the bucket")
             self._move(Event.SEND_REQUEST, remote=False)
             self._sent.add(b)
@@ -441,21 +457,27 @@ class PsiRequester(_Role):
             raise LocalProtocolError("finish job output must be a list of pairs")
         self._done.add(b)
         self._cardinality += len(output)
-        if self.mode is Mode.INTERSECTION:
-            items = self._buckets[b]
+        if self.mode is Mode.INTERSECTION and output:
+            group = self._groups[b]
+            inverse = self._inverse.pop(b, None)
             ll = self._label_len
-            where = self._positions
-            pos = self._bucket_pos[b] if where is None else np.empty(0, dtype=np.int64)
-            for own_pos, their_pos in output:
-                positions = where[items[own_pos]] if where is not None else [int(pos[own_pos])]
+            own = np.fromiter((o for o, _ in output), dtype=np.int64, count=len(output))
+            if inverse is None:  # no repeats: distinct index = place in the group
+                positions = group[own].tolist()
                 self._matched.extend(positions)
                 if ll:
-                    label = step.labels[their_pos * ll : (their_pos + 1) * ll]
-                    for p in positions:
-                        self._labels[p] = label
-        self._buckets[b] = []  # bounded memory: the bucket is finished
-        if self._bucket_pos:
-            self._bucket_pos[b] = self._bucket_pos[b][:0]
+                    for p, (_, their_pos) in zip(positions, output, strict=True):
+                        self._labels[p] = step.labels[their_pos * ll : (their_pos + 1) * ll]
+            else:  # every input position whose item is a matched distinct item
+                their = dict(output)
+                hit = np.flatnonzero(np.isin(inverse, own))
+                for p, d in zip(group[hit].tolist(), inverse[hit].tolist(), strict=True):
+                    self._matched.append(p)
+                    if ll:
+                        t = their[d]
+                        self._labels[p] = step.labels[t * ll : (t + 1) * ll]
+        self._inverse.pop(b, None)
+        self._groups[b] = self._groups[b][:0]  # bounded memory: the bucket is finished
         if len(self._done) == self.bucket_count:
             self._move(Event.LAST_BUCKET, remote=False)
         return None
@@ -490,9 +512,9 @@ class PsiResponder(_Role):
 
     def __init__(
         self,
-        items: Sequence[bytes],
+        items: Sequence[bytes] | PackedItems,
         *,
-        labels: Sequence[bytes] | None = None,
+        labels: Sequence[bytes] | bytes | None = None,
         allowed_modes: frozenset[Mode] = frozenset({Mode.INTERSECTION, Mode.CARDINALITY}),
         expected_session_id: bytes | None = None,
         max_bucket_count: int = MAX_BUCKETS,
@@ -503,11 +525,11 @@ class PsiResponder(_Role):
     @classmethod
     def _with_randomness(
         cls,
-        items: Sequence[bytes],
+        items: Sequence[bytes] | PackedItems,
         *,
         scalar: bytes,
         nonce: bytes,
-        labels: Sequence[bytes] | None = None,
+        labels: Sequence[bytes] | bytes | None = None,
         allowed_modes: frozenset[Mode] = frozenset({Mode.INTERSECTION, Mode.CARDINALITY}),
         expected_session_id: bytes | None = None,
         max_bucket_count: int = MAX_BUCKETS,
@@ -520,8 +542,8 @@ class PsiResponder(_Role):
 
     def _init(
         self,
-        items: Sequence[bytes],
-        labels: Sequence[bytes] | None,
+        items: Sequence[bytes] | PackedItems,
+        labels: Sequence[bytes] | bytes | None,
         allowed_modes: frozenset[Mode],
         expected_session_id: bytes | None,
         max_bucket_count: int,
@@ -531,18 +553,15 @@ class PsiResponder(_Role):
         super().__init__()
         checked = _check_items(items)
         self._label_len = 0
-        self._first_label: dict[bytes, bytes] = {}
+        # labels packed: item i's label is _labels[i * label_len : (i + 1) * label_len]; a
+        # repeated item sends the label of its first occurrence
+        self._labels = np.empty(0, dtype=np.uint8)
         if labels is not None:
-            labels = list(labels)
-            if len(labels) != len(checked):
-                raise LocalProtocolError(f"{len(labels)} labels for {len(checked)} items")
-            lengths = {len(x) for x in labels}
-            if len(lengths) > 1 or (lengths and not 0 < min(lengths) <= MAX_LABEL_BYTES):
-                raise LocalProtocolError(f"labels must all have one length in 1..{MAX_LABEL_BYTES}")
-            self._label_len = lengths.pop() if lengths else 1
-            for item, label in zip(checked, labels, strict=True):
-                self._first_label.setdefault(item, label)
-        self._unique = list(dict.fromkeys(checked))
+            self._label_len, self._labels = _pack_labels(labels, len(checked))
+        self._items: PackedItems | None = checked
+        self._groups: list[np.ndarray] = []
+        self._sizes: dict[int, int] = {}
+        self._label_rows: dict[int, np.ndarray] = {}
         self._allowed = frozenset(allowed_modes)
         self._expected_sid = expected_session_id
         self._max_buckets = max_bucket_count
@@ -552,7 +571,6 @@ class PsiResponder(_Role):
         self.bucket_count = 0
         self._send_labels = False
         self._dst = b""
-        self._buckets: list[list[bytes]] = []
         self._accepted: set[int] = set()
         self._answered: set[int] = set()
         self._their_sizes: list[int] = []
@@ -568,9 +586,26 @@ class PsiResponder(_Role):
         """
         if not self._bucket_key:
             raise LocalProtocolError("buckets exist only after the HELLO")
-        if len(self._buckets) != self.bucket_count:
-            self._buckets = ecdh.partition_items(self._unique, self._bucket_key,
+        if len(self._groups) != self.bucket_count:
+            assert self._items is not None
+            self._groups = ecdh.partition_groups(self._items, self._bucket_key,
                                                  self.bucket_count)
+
+    def _bucket_items(self, bucket: int) -> list[bytes]:
+        """The bucket's distinct items as bytes (first-seen order); keeps the input row of
+        each one's first occurrence until the bucket is answered (for its labels)."""
+        self.prepare_buckets()
+        assert self._items is not None
+        group = self._groups[bucket]
+        items, inverse = _distinct(self._items.take(group))
+        self._sizes[bucket] = len(items)
+        if self._send_labels:
+            if inverse is None:
+                self._label_rows[bucket] = group
+            else:  # first occurrence of each distinct index
+                _, first = np.unique(inverse, return_index=True)
+                self._label_rows[bucket] = group[first]
+        return items
 
     def start(self) -> None:
         """The responder waits for HELLO; nothing to send."""
@@ -596,7 +631,7 @@ class PsiResponder(_Role):
             self._dst = ecdh.h2c_dst(msg.session_id)
             self._their_sizes = [0] * msg.bucket_count
             self._bucket_key = ecdh.derive_bucket_key(msg.session_id, msg.nonce, self._nonce)
-            self._buckets = []  # partitioned by prepare_buckets(), after the ACK is out
+            self._groups = []  # partitioned by prepare_buckets(), after the ACK is out
             ack = HelloAck(
                 msg.session_id, msg.mode, msg.suite,
                 self._label_len if self._send_labels else 0, msg.bucket_count, self._nonce,
@@ -616,13 +651,12 @@ class PsiResponder(_Role):
             self._accepted.add(b)
             self._their_sizes[b] = msg.count
             shuffle = self.mode is Mode.CARDINALITY
-            self.prepare_buckets()
             job: AnswerJob | ReblindJob
             if b in self._own:
                 job = ReblindJob(b, self._scalar, msg.points, shuffle_peer=shuffle)
             else:
-                job = AnswerJob(b, self._scalar, self._dst, tuple(self._buckets[b]), msg.points,
-                                shuffle_peer=shuffle)
+                job = AnswerJob(b, self._scalar, self._dst, tuple(self._bucket_items(b)),
+                                msg.points, shuffle_peer=shuffle)
             return Step(Event.RECV_REQUEST, b, job)
         self._remote(f"a responder does not accept {type(msg).__name__}", 409)
 
@@ -644,12 +678,15 @@ class PsiResponder(_Role):
             raise LocalProtocolError("answer job output must be (peer, own, permutation)")
         labels = b""
         ll = 0
+        rows = self._label_rows.pop(b, None)
         if self._send_labels:
             ll = self._label_len
-            items = self._buckets[b]
-            labels = b"".join([self._first_label[items[j]] for j in perm])
+            assert rows is not None
+            order = rows[np.asarray(perm, dtype=np.int64)].astype(np.int64)
+            labels = self._labels.reshape(-1, ll)[order].tobytes()
         self._answered.add(b)
-        self._buckets[b] = []
+        self._sizes.pop(b, None)
+        self._groups[b] = self._groups[b][:0]  # bounded memory: the bucket is finished
         reply = Response(self.session_id, b, double, own, ll, labels).to_bytes()
         if len(self._answered) == self.bucket_count:
             self._move(Event.LAST_BUCKET, remote=False)
@@ -668,15 +705,14 @@ class PsiResponder(_Role):
             raise LocalProtocolError(f"bucket {bucket} outside 0..{self.bucket_count - 1}")
         if bucket in self._own_started or bucket in self._accepted:
             raise LocalProtocolError(f"bucket {bucket} already has its own half")
-        self.prepare_buckets()
         self._own_started.add(bucket)
-        return OwnJob(bucket, self._scalar, self._dst, tuple(self._buckets[bucket]))
+        return OwnJob(bucket, self._scalar, self._dst, tuple(self._bucket_items(bucket)))
 
     def provide_own(self, bucket: int, output: object) -> None:
         """Store the output of :meth:`own_job` until the bucket's REQUEST is answered."""
         if bucket not in self._own_started or bucket in self._own or bucket in self._accepted:
             raise LocalProtocolError(f"bucket {bucket} is not awaiting its own half")
-        n = len(self._buckets[bucket])
+        n = self._sizes.get(bucket, -1)
         if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], bytes)
                 and len(output[0]) == 32 * n and len(output[1]) == n):
             raise LocalProtocolError("own job output must be (points, permutation) of the bucket")
@@ -687,3 +723,26 @@ class PsiResponder(_Role):
         if not self.finished:
             raise LocalProtocolError("the result exists only once every bucket is answered")
         return ResponderResult(self.mode, sum(self._their_sizes), tuple(self._their_sizes))
+
+
+def _pack_labels(labels: Sequence[bytes] | bytes, n: int) -> tuple[int, np.ndarray]:
+    """``(label_len, labels as one uint8 array)``: a list of ``n`` equal-length labels, or
+    ``n`` labels already concatenated into one ``bytes``."""
+    if isinstance(labels, bytes | bytearray | memoryview):
+        size = len(labels)
+        if n == 0:
+            if size:
+                raise LocalProtocolError("labels given for no items")
+            return 1, np.empty(0, dtype=np.uint8)
+        if size % n or not 0 < size // n <= MAX_LABEL_BYTES:
+            raise LocalProtocolError(f"labels must all have one length in 1..{MAX_LABEL_BYTES}")
+        return size // n, np.frombuffer(labels, dtype=np.uint8)
+    labels = labels if isinstance(labels, list) else list(labels)
+    if len(labels) != n:
+        raise LocalProtocolError(f"{len(labels)} labels for {n} items")
+    lengths = set(map(len, labels))
+    if len(lengths) > 1 or (lengths and not 0 < min(lengths) <= MAX_LABEL_BYTES):
+        raise LocalProtocolError(f"labels must all have one length in 1..{MAX_LABEL_BYTES}")
+    if not set(map(type, labels)) <= {bytes}:
+        raise LocalProtocolError("labels must be bytes")
+    return (lengths.pop() if lengths else 1), np.frombuffer(b"".join(labels), dtype=np.uint8)
