@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json as jsonlib
+import re
 import socket
 import ssl
 import threading
@@ -134,17 +135,15 @@ class PeerClient:
         )
         self._idle: list[_Connection] = []  # keep-alive, for exchange()
         url = urlsplit(self.base_url)
-        self._host_header = url.netloc
+        self._host_header = (f"[{url.hostname}]" if ":" in (url.hostname or "")
+                             else url.hostname or "") + (f":{url.port}" if url.port else "")
         self._idle_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     def close(self) -> None:
         self._client.close()
-        with self._idle_lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._drop_idle()
 
     def __enter__(self) -> PeerClient:
         return self
@@ -324,19 +323,26 @@ class PeerClient:
         if len(body) > self.max_request_bytes:
             raise self._error("POST", path, f"request body of {len(body)} bytes exceeds the "
                               f"limit of {self.max_request_bytes} bytes", rid)
+        fields = {**self._headers, REQUEST_ID_HEADER: rid, **(headers or {})}
+        if not _PATH_OK.fullmatch(path) or any(
+                not _TOKEN_OK.fullmatch(k) or _BAD_VALUE.search(v) for k, v in fields.items()):
+            raise self._error("POST", path[:200].encode("unicode_escape").decode("ascii"),
+                              "the request path or a header holds characters HTTP does not "
+                              "allow there (control characters, spaces, non-ASCII)", rid)
         lines = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}",
-                 *(f"{k}: {v}" for k, v in {**self._headers, REQUEST_ID_HEADER: rid,
-                                             **(headers or {})}.items()),
+                 *(f"{k}: {v}" for k, v in fields.items()
+                   if k.lower() not in ("host", "content-length")),
                  f"Content-Length: {len(body)}", "", ""]
         head = "\r\n".join(lines).encode("latin-1")
         for attempt in (0, 1):
-            conn, reused = self._checkout(path, rid)
+            conn, reused = self._checkout(path, rid, fresh=attempt > 0)
             try:
                 conn.send(head, body)
                 status, keep = conn.read_head()
             except _Closed as exc:
                 conn.close()
                 if reused and attempt == 0:
+                    self._drop_idle()  # idle at least as long as this one: likely closed too
                     continue
                 raise self._error("POST", path, f"the connection was closed by the peer: {exc}",
                                   rid) from None
@@ -355,7 +361,7 @@ class PeerClient:
                 conn.close()
                 raise self._error("POST", path, f"reading the reply failed: {exc}",
                                   rid) from None
-            if keep:
+            if keep and conn.clean:
                 self._checkin(conn)
             else:
                 conn.close()
@@ -366,10 +372,12 @@ class PeerClient:
         raise self._error("POST", path, f"HTTP {status}" + (f": {detail}" if detail else ""),
                           rid, status)
 
-    def _checkout(self, path: str, rid: str) -> tuple[_Connection, bool]:
-        with self._idle_lock:
-            if self._idle:
-                return self._idle.pop(), True
+    def _checkout(self, path: str, rid: str, *, fresh: bool = False
+                  ) -> tuple[_Connection, bool]:
+        if not fresh:
+            with self._idle_lock:
+                if self._idle:
+                    return self._idle.pop(), True
         url = urlsplit(self.base_url)
         try:
             raw = socket.create_connection((url.hostname or "", url.port or 443),
@@ -394,6 +402,12 @@ class PeerClient:
                               rid)
         sock.settimeout(self._timeout)
         return _Connection(sock), False
+
+    def _drop_idle(self) -> None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def _checkin(self, conn: _Connection) -> None:
         with self._idle_lock:
@@ -509,6 +523,10 @@ def _describe(exc: httpx.HTTPError, base_url: str) -> str:
 # --- the keep-alive connection of PeerClient.exchange ------------------------------------------
 
 _MAX_HEAD = 65536
+_PATH_OK = re.compile(r"/[!-~]*")  # visible ASCII, no spaces or control characters
+_TOKEN_OK = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class _Closed(Exception):
@@ -521,6 +539,10 @@ class _BadReply(Exception):
 
 class _TooLarge(Exception):
     """The reply body exceeds the caller's limit."""
+
+
+def _digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 class _Connection:
@@ -555,12 +577,31 @@ class _Connection:
             raise _Closed("end of stream")
         self._buf += chunk
 
+    @property
+    def clean(self) -> bool:
+        """Nothing unread is left (a connection with stray bytes is never reused)."""
+        return not self._buf
+
     def read_head(self) -> tuple[int, bool]:
-        """Status code and whether the connection stays open after this reply."""
+        """Status code of the final reply (1xx interim replies are skipped) and whether the
+        connection stays open after it."""
+        while True:
+            status, keep = self._one_head()
+            if not 100 <= status < 200:
+                return status, keep
+            if status == 101:
+                raise _BadReply("the peer switched protocols")
+
+    def _one_head(self) -> tuple[int, bool]:
         while (end := self._buf.find(b"\r\n\r\n")) < 0:
             if len(self._buf) > _MAX_HEAD:
                 raise _BadReply("reply headers too large")
-            self._fill()
+            try:
+                self._fill()
+            except _Closed:
+                if self._buf:  # part of a reply arrived: the request was processed
+                    raise _BadReply("the connection closed in the middle of the reply") from None
+                raise
         if end > _MAX_HEAD:
             raise _BadReply("reply headers too large")
         head = bytes(self._buf[:end]).decode("latin-1")
@@ -568,27 +609,38 @@ class _Connection:
         status_line, *lines = head.split("\r\n")
         parts = status_line.split(" ", 2)
         if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not (
-                parts[1].isdigit() and len(parts[1]) == 3):
+                _digits(parts[1]) and len(parts[1]) == 3):
             raise _BadReply(f"malformed status line {status_line[:80]!r}")
+        status = int(parts[1])
         keep = parts[0] == "HTTP/1.1"
-        self._length, self._chunked = None, False
+        length: int | None = None
+        codings: list[str] | None = None
         for line in lines:
             name, sep, value = line.partition(":")
             if not sep:
                 raise _BadReply("malformed reply header")
             name, value = name.strip().lower(), value.strip()
             if name == "content-length":
-                if not value.isdigit():
+                if not _digits(value) or (length is not None and int(value) != length):
                     raise _BadReply("malformed Content-Length")
-                self._length = int(value)
+                length = int(value)
             elif name == "transfer-encoding":
-                self._chunked = value.lower() == "chunked"
+                codings = [*(codings or []), *(c.strip().lower() for c in value.split(","))]
             elif name == "connection":
                 tokens = {t.strip().lower() for t in value.split(",")}
                 keep = "close" not in tokens and (keep or "keep-alive" in tokens)
+        if status < 200 or status in (204, 304):  # no body, whatever the headers say
+            self._length, self._chunked = 0, False
+            return status, keep
+        if codings is not None:  # Transfer-Encoding wins over Content-Length (RFC 9112 6.3)
+            self._chunked = codings[-1:] == ["chunked"]
+            self._length = None
+            keep = keep and self._chunked and length is None
+        else:
+            self._chunked, self._length = False, length
         if self._length is None and not self._chunked:
             keep = False  # the body runs to the end of the stream
-        return int(parts[1]), keep
+        return status, keep
 
     def _take(self, n: int) -> bytes:
         have = len(self._buf)
@@ -628,11 +680,10 @@ class _Connection:
         if self._chunked:
             out = bytearray()
             while True:
-                size_line = self._line()
-                try:
-                    size = int(size_line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    raise _BadReply("malformed chunk size") from None
+                size_text = self._line().split(b";", 1)[0].strip()
+                if not _CHUNK_SIZE.fullmatch(size_text):
+                    raise _BadReply("malformed chunk size")
+                size = int(size_text, 16)
                 if size == 0:
                     while self._line():  # trailers up to the empty line
                         pass

@@ -196,6 +196,17 @@ _REPLIES: dict[str, tuple[bytes, bytes | str]] = {
                                "response exceeds the limit of 16 bytes"),
     "unframed body above the limit": (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 40,
                                       "response exceeds the limit of 16 bytes"),
+    "interim 100 Continue, then the reply": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok"),
+    "204 without a length": (b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+    "negative chunk size": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"-5\r\n", "malformed chunk size"),
+    "non-ASCII digits in Content-Length": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n", "malformed Content-Length"),
+    "two different Content-Lengths": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+        "malformed Content-Length"),
+    "closed in the middle of the reply head": (b"HTTP/1.1 200 O", "in the middle of the reply"),
     "error status with a JSON message": (
         b'HTTP/1.1 409 Conflict\r\nContent-Length: 37\r\n\r\n'
         b'{"error": {"message": "wrong round"}}', "HTTP 409: wrong round"),
@@ -218,6 +229,42 @@ def test_exchange_reads_every_reply_framing_or_names_what_is_wrong(
                 assert info.value.request_id and info.value.request_id in str(info.value)
                 if info.value.status is None:  # a connection in an unknown state
                     assert client._idle == []  # is not reused
+        assert server.count == 1  # never sent twice: a reply had started
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(("path", "headers"), [
+    ("/v1/peer/anonq/tables/t HTTP/1.1\r\nHost: x\r\n\r\nPOST /evil/eval", {}),
+    ("/v1/peer/x y", {}),
+    ("/v1/peer/\u00e9", {}),
+    ("/v1/peer/x", {"X-Query": "q1\r\nX-Evil: 1"}),
+    ("/v1/peer/x", {"Bad Name": "v"}),
+])
+def test_exchange_refuses_paths_and_headers_that_would_split_the_request(
+        identity: NodeIdentity, path: str, headers: dict[str, str]) -> None:
+    server = _OneShotTlsServer(identity)
+    try:
+        with (_client(identity, f"https://127.0.0.1:{server.port}") as client,
+              pytest.raises(PeerCallError, match="characters HTTP does not allow")):
+            client.exchange(path, b"abc", headers=headers)
+        assert server.count == 0  # refused before anything was sent
+    finally:
+        server.close()
+
+
+def test_exchange_retries_on_a_fresh_connection_when_every_idle_one_is_stale(
+        identity: NodeIdentity) -> None:
+    server = _OneShotTlsServer(identity)  # closes every connection after one reply
+    try:
+        with _client(identity, f"https://127.0.0.1:{server.port}") as client:
+            assert client.exchange("/v1/peer/x", b"ab") == b"ba"
+            first = client._idle.pop()
+            assert client.exchange("/v1/peer/x", b"cd") == b"dc"  # a second connection
+            client._idle.append(first)
+            assert len(client._idle) == 2  # both closed by the server by now
+            assert client.exchange("/v1/peer/x", b"xyz") == b"zyx"
+            assert server.count == 3 and len(client._idle) == 1
     finally:
         server.close()
 

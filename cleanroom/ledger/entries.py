@@ -376,15 +376,29 @@ def now_ms() -> int:
 # --- validation ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8192)
+_NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 . _ : / - required"
+_NAME_MAX: Final = 128
+
+
+_ACCEPTED_NAMES: dict[str, None] = {}  # values that passed; never a rejected (raw) one
+_ACCEPTED_MAX: Final = 8192
+
+
 def _name_problem(value: str) -> str | None:
-    """What is wrong with an id or name field's value, else None (cached: peers, protocols,
-    rounds and query ids repeat from entry to entry)."""
+    """What is wrong with an id or name field's value (at most ``_NAME_MAX`` characters:
+    longer ones fail before this), else None. Accepted values are remembered (peers,
+    protocols, rounds and query ids repeat from entry to entry); rejected ones, which may
+    be raw data, are not kept."""
+    if value in _ACCEPTED_NAMES:
+        return None
     if not _NAME_RE.fullmatch(value):
-        return "1-128 characters of A-Z a-z 0-9 . _ : / - required"
+        return _NAME_RULE
     kind = _raw_kind_uncached(value)
     if kind is not None:
         return f"value looks like raw data ({kind}); ledger entries hold ids only"
+    if len(_ACCEPTED_NAMES) >= _ACCEPTED_MAX:
+        _ACCEPTED_NAMES.clear()
+    _ACCEPTED_NAMES[value] = None
     return None
 
 
@@ -401,7 +415,7 @@ def _check_value(event_type: str, name: str, spec: FieldSpec, value: object) -> 
             if value not in spec.choices:
                 fail(f"value is not one of {', '.join(spec.choices)}")
             return
-        problem = _name_problem(value)
+        problem = (_NAME_RULE if len(value) > _NAME_MAX else _name_problem(value))
         if problem is not None:
             fail(problem if problem.startswith("value looks") else f"not a valid {t.value}: "
                  f"{problem}")
