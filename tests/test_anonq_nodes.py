@@ -202,6 +202,22 @@ def test_public_columns_under_policy(world: dict[str, Any]) -> None:
         assert e4.value.status == 403 and "partners.dealer.query_types" in e4.value.reason
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("media_table", "nearest_stores HTTP/1.1\r\nHost: x\r\n\r\nPOST /v1/peer/x"),
+    ("dealer_table", "Inventory"),
+    ("query_id", "q1\r\nX-Evil: 1"),
+])
+def test_recommendation_spec_refuses_names_that_are_not_names(
+        world: dict[str, Any], field: str, value: str) -> None:
+    """Table names and query ids end up in peer request paths and headers: a value that is
+    not a plain name is refused with a 4xx naming the field, before any peer call."""
+    spec = {"media_peer": "media", "dealer_peer": "dealer", "mode": "realtime",
+            "output": "never.parquet", field: value}
+    with world["nodes"]["oem"].operator_client() as c, pytest.raises(PeerCallError) as info:
+        c.post_json("/v1/anonq/store-recommendations", spec)
+    assert info.value.status == 422 and field in info.value.reason
+
+
 def test_malformed_requests_get_4xx(world: dict[str, Any]) -> None:
     oem, media = world["nodes"]["oem"], world["nodes"]["media"]
     base = "/v1/peer/anonq/tables/nearest_stores"

@@ -332,6 +332,9 @@ class PublishSpec(BaseModel):
         return self
 
 
+_TABLE_PATTERN = f"^{tables.NAME_RE.pattern}$"
+
+
 class RecommendSpec(BaseModel):
     """Run ``store_recommendation`` at this (OEM) node."""
 
@@ -340,12 +343,12 @@ class RecommendSpec(BaseModel):
     dealer_peer: str
     leads_dataset: str = "leads"
     stores_dataset: str = "stores"
-    media_table: str = "nearest_stores"
-    dealer_table: str = "inventory"
+    media_table: str = Field("nearest_stores", pattern=_TABLE_PATTERN)
+    dealer_table: str = Field("inventory", pattern=_TABLE_PATTERN)
     mode: str = Field("batch", pattern="^(batch|realtime)$")
     min_anonymity: int = Field(1000, ge=1)
     output: str = Field("store_recommendation.parquet", pattern=r"^[A-Za-z0-9._-]{1,128}$")
-    query_id: str | None = None
+    query_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 # --- routers ---------------------------------------------------------------------------
