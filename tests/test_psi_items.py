@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_psi_protocol import run
 
 from protocols.psi import Mode, PsiRequester, PsiResponder
 from protocols.psi.items import PackedItems, as_packed, count_distinct
@@ -70,21 +71,6 @@ def test_count_distinct_equals_plaintext(items: list[bytes]) -> None:
     assert count_distinct(as_packed(items)) == len(set(items))
 
 
-def _run(req: PsiRequester, resp: PsiResponder) -> list[bytes]:
-    transcript = [req.start()]
-    ack = resp.handle(transcript[0])
-    assert ack is not None
-    transcript.append(ack)
-    assert req.handle(ack) is None
-    for msg in req.requests():
-        reply = resp.handle(msg)
-        assert reply is not None
-        transcript += [msg, reply]
-        assert req.handle(reply) is None
-    assert req.finished and resp.finished
-    return transcript
-
-
 SCALAR_R, SCALAR_S = bytes([7]) * 32, bytes([9]) * 32
 NONCE_R, NONCE_S = bytes([1]) * 32, bytes([2]) * 32
 SID = bytes(range(16))
@@ -111,7 +97,7 @@ def test_packed_and_listed_items_give_identical_sessions(
     req_l, resp_l = _pair(r, s, labels, mode, buckets)
     req_p, resp_p = _pair(PackedItems.from_list(r), PackedItems.from_list(s),
                           b"".join(labels) if s else labels, mode, buckets)
-    listed, packed = _run(req_l, resp_l), _run(req_p, resp_p)
+    listed, packed = run(req_l, resp_l), run(req_p, resp_p)
     # the requester's messages and the ACK are byte-identical; the responses differ only
     # by the responder's fresh shuffle of its own points
     assert listed[0::2] == packed[0::2] and listed[1] == packed[1]
