@@ -122,6 +122,9 @@ class PeerClient:
         headers = {"User-Agent": "cleanroom-node"}
         if bearer_token is not None:
             headers["Authorization"] = f"Bearer {bearer_token}"
+        if not _headers_ok(headers):
+            raise CleanroomError(f"peer {peer_name!r}: the bearer token holds characters an "
+                                 "HTTP header cannot carry")
         self._headers = headers
         self._ssl = client_ssl_context(peer_cert_pem, own_cert_path, own_key_path)
         self._timeout = timeout
@@ -323,14 +326,13 @@ class PeerClient:
         if len(body) > self.max_request_bytes:
             raise self._error("POST", path, f"request body of {len(body)} bytes exceeds the "
                               f"limit of {self.max_request_bytes} bytes", rid)
-        fields = {**self._headers, REQUEST_ID_HEADER: rid, **(headers or {})}
-        if not _PATH_OK.fullmatch(path) or any(
-                not _TOKEN_OK.fullmatch(k) or _BAD_VALUE.search(v) for k, v in fields.items()):
+        fields = {REQUEST_ID_HEADER: rid, **(headers or {})}  # the fixed ones: checked once
+        if not _PATH_OK.fullmatch(path) or not _headers_ok(fields):
             raise self._error("POST", path[:200].encode("unicode_escape").decode("ascii"),
                               "the request path or a header holds characters HTTP does not "
                               "allow there (control characters, spaces, non-ASCII)", rid)
         lines = [f"POST {path} HTTP/1.1", f"Host: {self._host_header}",
-                 *(f"{k}: {v}" for k, v in fields.items()
+                 *(f"{k}: {v}" for k, v in {**self._headers, **fields}.items()
                    if k.lower() not in ("host", "content-length")),
                  f"Content-Length: {len(body)}", "", ""]
         head = "\r\n".join(lines).encode("latin-1")
@@ -539,6 +541,12 @@ class _BadReply(Exception):
 
 class _TooLarge(Exception):
     """The reply body exceeds the caller's limit."""
+
+
+def _headers_ok(fields: Mapping[str, str]) -> bool:
+    """Names are RFC 9110 tokens and values hold no control characters (no CR/LF that
+    would end the header early and let a value write a request of its own)."""
+    return all(_TOKEN_OK.fullmatch(k) and not _BAD_VALUE.search(v) for k, v in fields.items())
 
 
 def _digits(text: str) -> bool:
