@@ -30,6 +30,7 @@ from cleanroom.ledger import (
     scan_entries,
     verify_store,
 )
+from cleanroom.ledger.errors import LedgerStateError
 from cleanroom.ledger.merkle import verify_consistency, verify_inclusion
 from cleanroom.ledger.note import Checkpoint, NoteSigner, open_checkpoint, sign_checkpoint
 
@@ -259,6 +260,22 @@ def test_append_checkpoint_proofs_and_entries(tmp_path: Path) -> None:
     assert report.checkpoints_checked == 2 and report.largest_matching_anchor == 46
 
 
+def test_a_large_batch_is_stored_whole_in_several_insert_statements(tmp_path: Path) -> None:
+    """Appends use multi-row INSERTs of at most ``_ROWS_PER_INSERT`` rows: a batch larger
+    than that is still one transaction, stored in order, and the tree reopens the same."""
+    from cleanroom.ledger.store import _ROWS_PER_INSERT
+
+    led = _ledger(tmp_path)
+    n = 2 * _ROWS_PER_INSERT + 7
+    assert led.append_many([_msg(i) for i in range(n)]) == list(range(n))
+    got = led.entries(limit=n + 10)
+    assert [e.index for e in got] == list(range(n))
+    assert [e.entry.fields["size"] for e in got] == [100 + i for i in range(n)]
+    again = Ledger(led.store.engine, "cleanroom/oem", led.signer.private_key)
+    assert again.size == n and again.root() == led.root()
+    assert led.verify(deep=True).integrity_ok
+
+
 def test_no_raw_data_in_any_entry_of_a_full_run(tmp_path: Path) -> None:
     led = _ledger(tmp_path)
     led.append_many(_full_run_events(new_id()))
@@ -268,6 +285,18 @@ def test_no_raw_data_in_any_entry_of_a_full_run(tmp_path: Path) -> None:
     assert scan_entries(bodies) == []
     # the scanner does find raw data if it ever got in (e.g. by a bypass of the schema)
     assert scan_entries([b'{"x":"+8613800138000"}'])[0][:2] == (0, "phone")
+
+
+def test_a_stale_second_handle_cannot_overwrite_an_index(tmp_path: Path) -> None:
+    """Two handles on one database (what the node's writer lock prevents): the stale one's
+    append is refused as a whole, naming the taken index, and stores nothing."""
+    led = _ledger(tmp_path)
+    stale = Ledger(led.store.engine, "cleanroom/oem", led.signer.private_key)
+    led.append_many([_msg(i) for i in range(3)])
+    with pytest.raises(LedgerStateError, match="ledger index 0 is already taken"):
+        stale.append_many([_msg(i) for i in range(10, 15)])
+    assert led.store.count() == 3 and [e.entry.fields["size"] for e in led.entries()] == [
+        100, 101, 102]
 
 
 def test_schema_error_leaves_log_untouched(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ This module stores and loads bytes; it does not sign, verify or interpret entrie
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -155,6 +155,32 @@ def create_tables(engine: Engine) -> None:
     configure_sqlite(engine)
     SQLModel.metadata.create_all(engine, tables=list(LEDGER_TABLES))
 
+
+
+_ENTRY_COLUMNS = ("idx", "leaf_hash", "body", "event_type", "ts_ms", "query_id", "parties")
+_ROWS_PER_INSERT = 999 // len(_ENTRY_COLUMNS)  # SQLite's smallest host-parameter limit
+_MARKERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
+
+
+def _insert_entries(conn: Connection, payload: Sequence[Mapping[str, object]]) -> None:
+    """Insert entry rows with multi-row ``INSERT ... VALUES`` statements.
+
+    One statement per ``_ROWS_PER_INSERT`` rows instead of one database step per row: the
+    SQLite driver releases and re-takes the GIL around every step, and in a busy node each
+    re-take can wait for the event loop's thread (the group-commit writer of
+    :mod:`cleanroom.anonq.guard` appends dozens of rows per commit). Drivers with another
+    parameter style take SQLAlchemy's ``executemany``.
+    """
+    marker = _MARKERS.get(conn.dialect.paramstyle)
+    if marker is None:
+        conn.execute(insert(_E), list(payload))
+        return
+    one = "(" + ", ".join([marker] * len(_ENTRY_COLUMNS)) + ")"
+    head = f"INSERT INTO {_E.name} ({', '.join(_ENTRY_COLUMNS)}) VALUES "
+    for start in range(0, len(payload), _ROWS_PER_INSERT):
+        chunk = payload[start:start + _ROWS_PER_INSERT]
+        params = tuple(row[c] for row in chunk for c in _ENTRY_COLUMNS)
+        conn.exec_driver_sql(head + ", ".join([one] * len(chunk)), params)
 
 @dataclass(frozen=True)
 class EntryRecord:
@@ -303,7 +329,7 @@ class LedgerStore:
         ]
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(_E), payload)
+                _insert_entries(conn, payload)
                 if also is not None:
                     also(conn)
         except IntegrityError as exc:
