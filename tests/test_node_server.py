@@ -237,6 +237,8 @@ def test_direct_routes_keep_the_guard_rules(three_nodes: dict[str, RunningNode])
         with pytest.raises(PeerCallError) as missing:
             client.exchange(path, b"x", request_id="rid-direct-0001")
         assert missing.value.status == 404 and "no_such_table" in str(missing.value)
+        # a failed direct request keeps its own access line (successes go to the summary)
+        assert f"rid-direct-0001 peer:oem POST {path} 404" in media.log()
         # the other methods of that path are not direct: FastAPI answers them
         reply = client.request("GET", path, ok={404, 405})
         assert reply.status_code in (404, 405)

@@ -8,16 +8,18 @@ and ``def direct_routes(ctx) -> list[DirectRoute]``: hot peer endpoints (many sm
 requests a second) that :class:`NodeGuard` serves itself, skipping FastAPI's routing,
 dependency solving and middleware (about half of a small request's server CPU). A direct
 endpoint is ``async def endpoint(request, caller, **path_params) -> Response`` for a pinned
-peer ``caller``; it gets the same request id, access rules, body limit, access log and
-error mapping (:func:`error_response`) as every other endpoint, but no OpenAPI entry
-(docs/api.md lists them).
+peer ``caller``; it gets the same request id, access rules, body limit and error mapping
+(:func:`error_response`) as every other endpoint, but no OpenAPI entry (docs/api.md lists
+them), and its successful requests are counted in the access log's periodic summary
+(:class:`AccessSummary`) instead of one line each.
 
 Every request passes :class:`NodeGuard` first: it assigns the request id (taken from a
 well-formed ``X-Request-ID`` or generated, echoed on the response), applies the access
 rules of :mod:`cleanroom.node.deps`, enforces the request body limit (413) and writes one
 access log line (request id, caller, method, path, status: no query strings, headers or
-bodies). Errors are JSON ``{"error": {"code", "message", "request_id", ...}}``; bad input
-is a 4xx, never a 500.
+bodies; direct routes: one summary line per interval for their 2xx/3xx requests, one line
+each for the rest). Errors are JSON ``{"error": {"code", "message", "request_id", ...}}``;
+bad input is a 4xx, never a 500.
 """
 
 from __future__ import annotations
@@ -104,14 +106,60 @@ class DirectRoute:
         return re.compile(regex)
 
 
+class AccessSummary:
+    """The access log of direct routes' successful requests: counted per (caller, method,
+    path, status) and written as one ``access summary`` line per ``interval`` seconds
+    (when a request ends after the interval, and at shutdown), with each key's count and
+    mean and maximum duration. At DEBUG level every request also gets its own line.
+    Real-time lookups run at hundreds of requests a second: a line each would be most of
+    the log (tens of MB an hour) and a write syscall each (~25 µs of CPU, and the event
+    loop gives up the GIL for it). Failures keep their own line (:class:`NodeGuard`), and
+    the ledger records every session."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._since = time.monotonic()
+        self._counts: dict[tuple[str, str, str, int], list[float]] = {}
+
+    def add(self, caller: str, method: str, path: str, status: int, ms: float) -> None:
+        key = (caller, method, path, status)
+        hit = self._counts.get(key)
+        if hit is None:
+            self._counts[key] = [1, ms, ms]
+        else:
+            hit[0] += 1
+            hit[1] += ms
+            if ms > hit[2]:
+                hit[2] = ms
+        if time.monotonic() - self._since >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the summary line of what was counted so far (nothing if nothing was)."""
+        now = time.monotonic()
+        counts, self._counts = self._counts, {}
+        seconds, self._since = now - self._since, now
+        if not counts:
+            return
+        parts = [
+            f"{caller} {method} {path} {status} x{int(n)} (mean {total / n:.1f}ms, "
+            f"max {worst:.1f}ms)"
+            for (caller, method, path, status), (n, total, worst) in sorted(counts.items())
+        ]
+        access_log.info("access summary, %d requests in %.1fs: %s",
+                        int(sum(v[0] for v in counts.values())), seconds, "; ".join(parts))
+
+
 class NodeGuard:
     """Request id, access control, body size limit and access log, as plain ASGI."""
 
     def __init__(self, app: ASGIApp, ctx: NodeContext, large_routes: list[tuple[BaseRoute, int]],
-                 direct_routes: Sequence[DirectRoute] = ()):
+                 direct_routes: Sequence[DirectRoute] = (),
+                 summary: AccessSummary | None = None):
         self.app = app
         self.ctx = ctx
         self.large_routes = large_routes
+        self.summary = summary if summary is not None else AccessSummary()
         self.direct: dict[str, list[tuple[re.Pattern[str], DirectRoute]]] = {}
         for route in direct_routes:
             self.direct.setdefault(route.method.upper(), []).append((route.pattern(), route))
@@ -135,6 +183,7 @@ class NodeGuard:
         scope[CALLER_KEY] = caller
         status_box = [0]
         response_started = [False]
+        direct: tuple[DirectRoute, dict[str, str]] | None = None
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -188,15 +237,17 @@ class NodeGuard:
             if exceeded[0] and not response_started[0]:
                 await _send_json(send_with_id, 413, _too_large(limit, rid))
         finally:
-            access_log.info(
-                "%s %s %s %s %d %.1fms",
-                rid,
-                _caller_label(caller),
-                scope.get("method", "-"),
-                scope.get("path", "-"),
-                status_box[0],
-                (time.perf_counter() - started) * 1000,
-            )
+            ms = (time.perf_counter() - started) * 1000
+            status = status_box[0]
+            if direct is not None and 200 <= status < 400:
+                self.summary.add(_caller_label(caller), scope["method"], scope["path"],
+                                 status, ms)
+                if access_log.isEnabledFor(logging.DEBUG):
+                    access_log.debug("%s %s %s %s %d %.1fms", rid, _caller_label(caller),
+                                     scope["method"], scope["path"], status, ms)
+            else:
+                access_log.info("%s %s %s %s %d %.1fms", rid, _caller_label(caller),
+                                scope.get("method", "-"), scope.get("path", "-"), status, ms)
 
     def _limit_for(self, scope: Scope) -> int:
         limits = self.ctx.config.limits
@@ -334,6 +385,7 @@ async def _serve_direct(route: DirectRoute, params: dict[str, str], scope: Scope
 def create_app(ctx: NodeContext) -> FastAPI:
     """Build the node's app: all registered routers behind :class:`NodeGuard`."""
     modules = [importlib.import_module(name) for name in ROUTER_MODULES]
+    summary = AccessSummary()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -342,6 +394,7 @@ def create_app(ctx: NodeContext) -> FastAPI:
             if hook is not None:
                 await hook(ctx)
         yield
+        summary.flush()
         for m in reversed(modules):
             hook = getattr(m, "on_shutdown", None)
             if hook is not None:
@@ -373,5 +426,6 @@ def create_app(ctx: NodeContext) -> FastAPI:
         hook = getattr(m, "direct_routes", None)
         if hook is not None:
             direct.extend(hook(ctx))
-    app.add_middleware(NodeGuard, ctx=ctx, large_routes=large, direct_routes=direct)
+    app.add_middleware(NodeGuard, ctx=ctx, large_routes=large, direct_routes=direct,
+                       summary=summary)
     return app
