@@ -156,7 +156,6 @@ def create_tables(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine, tables=list(LEDGER_TABLES))
 
 
-
 _ENTRY_COLUMNS = ("idx", "leaf_hash", "body", "event_type", "ts_ms", "query_id", "parties")
 _ROWS_PER_INSERT = 999 // len(_ENTRY_COLUMNS)  # SQLite's smallest host-parameter limit
 _MARKERS = {"qmark": "?", "format": "%s", "pyformat": "%s"}
@@ -181,6 +180,7 @@ def _insert_entries(conn: Connection, payload: Sequence[Mapping[str, object]]) -
         chunk = payload[start:start + _ROWS_PER_INSERT]
         params = tuple(row[c] for row in chunk for c in _ENTRY_COLUMNS)
         conn.exec_driver_sql(head + ", ".join([one] * len(chunk)), params)
+
 
 @dataclass(frozen=True)
 class EntryRecord:
