@@ -377,22 +377,20 @@ def now_ms() -> int:
 
 
 _NAME_RULE: Final = "1-128 characters of A-Z a-z 0-9 . _ : / - required"
-_NAME_MAX: Final = 128
 
 
 _ACCEPTED_NAMES: dict[str, None] = {}  # values that passed; never a rejected (raw) one
 _ACCEPTED_MAX: Final = 8192
 
 
-def _name_problem(value: str) -> str | None:
-    """What is wrong with an id or name field's value (at most ``_NAME_MAX`` characters:
-    longer ones fail before this), else None. Accepted values are remembered (peers,
-    protocols, rounds and query ids repeat from entry to entry); rejected ones, which may
-    be raw data, are not kept."""
+def _name_problem(value: str, what: str) -> str | None:
+    """What is wrong with the value of an id or name field (``what``: "id" or "name"), else
+    None. Accepted values are remembered (peers, protocols, rounds and query ids repeat
+    from entry to entry); rejected ones, which may be raw data, are not kept."""
     if value in _ACCEPTED_NAMES:
         return None
-    if not _NAME_RE.fullmatch(value):
-        return _NAME_RULE
+    if not _NAME_RE.fullmatch(value):  # at most 128 characters
+        return f"not a valid {what}: {_NAME_RULE}"
     kind = _raw_kind_uncached(value)
     if kind is not None:
         return f"value looks like raw data ({kind}); ledger entries hold ids only"
@@ -415,10 +413,9 @@ def _check_value(event_type: str, name: str, spec: FieldSpec, value: object) -> 
             if value not in spec.choices:
                 fail(f"value is not one of {', '.join(spec.choices)}")
             return
-        problem = (_NAME_RULE if len(value) > _NAME_MAX else _name_problem(value))
+        problem = _name_problem(value, t.value)
         if problem is not None:
-            fail(problem if problem.startswith("value looks") else f"not a valid {t.value}: "
-                 f"{problem}")
+            fail(problem)
     elif t is FieldType.NAME_LIST:
         if not isinstance(value, list | tuple) or not 1 <= len(value) <= 64:
             fail("expected a list of 1 to 64 names")

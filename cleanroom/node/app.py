@@ -239,15 +239,16 @@ class NodeGuard:
         finally:
             ms = (time.perf_counter() - started) * 1000
             status = status_box[0]
+            who = _caller_label(caller)
+            method, path = scope.get("method", "-"), scope.get("path", "-")
             if direct is not None and 200 <= status < 400:
-                self.summary.add(_caller_label(caller), scope["method"], scope["path"],
-                                 status, ms)
-                if access_log.isEnabledFor(logging.DEBUG):
-                    access_log.debug("%s %s %s %s %d %.1fms", rid, _caller_label(caller),
-                                     scope["method"], scope["path"], status, ms)
+                self.summary.add(who, method, path, status, ms)
+                level = logging.DEBUG  # the summary holds it; one line each only at DEBUG
             else:
-                access_log.info("%s %s %s %s %d %.1fms", rid, _caller_label(caller),
-                                scope.get("method", "-"), scope.get("path", "-"), status, ms)
+                level = logging.INFO
+            if access_log.isEnabledFor(level):
+                access_log.log(level, "%s %s %s %s %d %.1fms", rid, who, method, path,
+                               status, ms)
 
     def _limit_for(self, scope: Scope) -> int:
         limits = self.ctx.config.limits
